@@ -1,0 +1,6 @@
+"""``python -m data_pipeline``: see data_pipeline.cli."""
+import sys
+
+from data_pipeline.cli import main
+
+sys.exit(main())

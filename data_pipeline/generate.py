@@ -1,0 +1,138 @@
+"""Synthetic multi-label data that a model can learn.
+
+Labels depend on the features through a hidden two-layer function (a linear part plus a ReLU part), so an
+MLP can learn them but a constant predictor cannot. Label frequencies follow a long tail: label ``l`` is
+positive for roughly ``head_rate / (l + 1) ** tail_exponent`` of the examples (never below a few examples),
+as in real tag, diagnosis and product-attribute data. Shards are generated in parallel processes, each in
+fixed-size chunks (bounded memory), from a seed derived from (seed, split, shard), so the output is the
+same for a seed whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+
+import numpy as np
+
+from data_pipeline.writer import DatasetWriter, ShardWriter
+
+_CHUNK = 2048  # Rows generated at once: bounds memory to a few MB per process.
+_CALIBRATION_ROWS = 20000
+
+
+@dataclasses.dataclass
+class HiddenFunction:
+    """The function that maps features to labels. Derived from the seed alone."""
+
+    w_linear: np.ndarray  # [F, L]
+    w_hidden: np.ndarray  # [F, H]
+    w_out: np.ndarray  # [H, L]
+    thresholds: np.ndarray  # [L]: logit thresholds giving the long-tail frequencies.
+    noise: float
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = np.maximum(x @ self.w_hidden, 0.0)
+        return x @ self.w_linear + h @ self.w_out
+
+
+def target_frequencies(num_labels: int, num_examples: int, head_rate: float = 0.3,
+                       tail_exponent: float = 1.0) -> np.ndarray:
+    """Long-tail positive rates: a few frequent labels, many rare ones (at least ~5 examples each)."""
+    rates = head_rate / np.arange(1, num_labels + 1) ** tail_exponent
+    return np.clip(rates, min(head_rate, 5.0 / max(num_examples, 1)), head_rate)
+
+
+def make_hidden_function(num_features: int, num_labels: int, num_examples: int, seed: int,
+                         noise: float = 0.3) -> HiddenFunction:
+    rng = np.random.default_rng([seed, 7])
+    hidden = 64
+    f = HiddenFunction(
+        w_linear=rng.normal(size=(num_features, num_labels)).astype(np.float32) / np.sqrt(num_features),
+        w_hidden=rng.normal(size=(num_features, hidden)).astype(np.float32) / np.sqrt(num_features),
+        w_out=rng.normal(size=(hidden, num_labels)).astype(np.float32) / np.sqrt(hidden) * 1.5,
+        thresholds=np.zeros(num_labels, np.float32), noise=noise)
+    x = rng.normal(size=(_CALIBRATION_ROWS, num_features)).astype(np.float32)
+    z = f.logits(x) + noise * rng.normal(size=(_CALIBRATION_ROWS, num_labels))
+    freq = target_frequencies(num_labels, num_examples)
+    f.thresholds = np.array([np.quantile(z[:, l], 1.0 - freq[l]) for l in range(num_labels)], np.float32)
+    return f
+
+
+def _write_shard(path: str, fn: HiddenFunction, num_rows: int, seed_key: list[int]) -> tuple[int, list[int]]:
+    """Generates and writes one shard (runs in a worker process). Returns (examples, label counts)."""
+    rng = np.random.default_rng(seed_key)
+    num_features, num_labels = fn.w_linear.shape
+    w = ShardWriter(path, num_features, num_labels)
+    try:
+        done = 0
+        while done < num_rows:
+            n = min(_CHUNK, num_rows - done)
+            x = rng.normal(size=(n, num_features)).astype(np.float32)
+            z = fn.logits(x) + fn.noise * rng.normal(size=(n, num_labels))
+            pos = z > fn.thresholds
+            for i in range(n):
+                w.write(x[i], np.flatnonzero(pos[i]), where=f"{path} record {done + i}")
+            done += n
+    finally:
+        w.close()
+    return w.num_examples, w.label_counts.tolist()
+
+
+class _InProcessPool(cf.Executor):
+    """Runs submitted calls at once, in this process (the one-worker case)."""
+
+    def submit(self, fn, *args, **kwargs):
+        future = cf.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def generate(out_dir: str, num_examples: int, num_features: int, num_labels: int, num_shards: int,
+             seed: int, split_eval: float = 0.0, overwrite: bool = False, workers: int | None = None):
+    """Writes a synthetic dataset directory.
+
+    Args:
+      out_dir: dataset directory to create.
+      num_examples: total examples (train + eval).
+      num_features, num_labels: shape of the data.
+      num_shards: shards of the train split; the eval split gets a proportional number (at least 1).
+      seed: decides everything written.
+      split_eval: fraction of the examples written to an "eval" split drawn from the same distribution.
+      overwrite: replace an existing out_dir.
+      workers: processes writing shards (default: CPU count).
+
+    Returns:
+      The Manifest written.
+    """
+    if not 0.0 <= split_eval < 1.0:
+        raise ValueError(f"--split-eval must be in [0, 1), got {split_eval}")
+    fn = make_hidden_function(num_features, num_labels, num_examples, seed)
+    num_eval = int(round(num_examples * split_eval))
+    plan = [("train", num_examples - num_eval, num_shards)]
+    if num_eval:
+        plan.append(("eval", num_eval, max(1, int(round(num_shards * split_eval)))))
+    # Small datasets are written in this process: starting worker processes (each imports TensorFlow)
+    # costs more than it saves below a few tens of thousands of examples.
+    workers = workers or (1 if num_examples < 50000 else os.cpu_count() or 1)
+    with DatasetWriter(out_dir, num_features, num_labels, overwrite=overwrite,
+                       source=f"synthetic seed={seed}") as writer:
+        # spawn, not fork: forking a process that has TensorFlow loaded can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with (cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1
+              else _InProcessPool()) as pool:
+            futures = {}
+            for split_index, (split, n, shards) in enumerate(plan):
+                shards = max(1, min(shards, n))
+                bounds = np.linspace(0, n, shards + 1).round().astype(int)
+                futures[split] = [
+                    pool.submit(_write_shard, writer.shard_path(split, s, shards), fn,
+                                int(bounds[s + 1] - bounds[s]), [seed, split_index, s])
+                    for s in range(shards)]
+            for split, fs in futures.items():
+                results = [f.result() for f in fs]
+                writer.add_split(split, [r[0] for r in results],
+                                 np.sum([r[1] for r in results], axis=0))
+    return writer.manifest

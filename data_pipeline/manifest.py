@@ -1,0 +1,148 @@
+"""The dataset manifest: the schema of a dataset directory.
+
+A dataset is a directory of TFRecord shards named ``<split>-NNNNN-of-MMMMM.tfrecord`` plus one
+``manifest.json`` describing them. Everything a reader or a trainer needs to know without opening a shard
+lives here: feature and label counts, label names, the feature encoding, examples per shard and per-label
+positive counts (for ``pos_weight`` and head/torso/tail buckets).
+
+We keep our own JSON manifest rather than tensorflow-datasets metadata because TFDS dictates its own file
+naming and per-feature serialization; our records store a whole feature vector as one raw float32 byte string
+so a batch decodes in one op, which TFDS' feature connectors do not describe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from data_pipeline.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+# Feature encodings.
+DENSE = "dense_float32_bytes"  # feature "x": one bytes value, F little-endian float32s.
+SPARSE = "sparse_index_value"  # features "xi" (int64 list) and "xv" (float list), densified at read time.
+ENCODINGS = (DENSE, SPARSE)
+
+# Record keys, shared by the writer, the reader and inspect.
+KEY_DENSE = "x"
+KEY_SPARSE_INDEX = "xi"
+KEY_SPARSE_VALUE = "xv"
+KEY_LABELS = "y"  # int64 list of positive label indices.
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """Returns the file name of shard ``index`` of ``num_shards`` for ``split``."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+@dataclasses.dataclass
+class SplitInfo:
+    """What the manifest records about one split.
+
+    Attributes:
+      shards: file names, relative to the dataset directory, in dataset order.
+      shard_lengths: number of examples in each shard.
+      label_counts: positives per label over the split.
+    """
+
+    shards: list[str]
+    shard_lengths: list[int]
+    label_counts: list[int]
+
+    @property
+    def num_examples(self) -> int:
+        return int(sum(self.shard_lengths))
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Schema of a dataset directory (see module docstring)."""
+
+    num_features: int
+    num_labels: int
+    label_names: list[str]
+    feature_encoding: str
+    splits: dict[str, SplitInfo]
+    compression: str = ""  # "" or "GZIP"
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def split(self, name: str, directory: str = "") -> SplitInfo:
+        """Returns the split ``name``, with an error naming the directory when it is absent."""
+        if name not in self.splits:
+            raise DataError(
+                f"{os.path.join(directory, MANIFEST_NAME)}: no split '{name}' "
+                f"(has: {', '.join(sorted(self.splits)) or 'none'})")
+        return self.splits[name]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name, info in self.splits.items():
+            d["splits"][name]["num_examples"] = info.num_examples
+        return d
+
+    def validate(self, path: str) -> None:
+        """Checks internal consistency; raises DataError naming ``path``."""
+        if self.feature_encoding not in ENCODINGS:
+            raise DataError(f"{path}: unknown feature_encoding '{self.feature_encoding}'")
+        if self.num_features <= 0 or self.num_labels <= 0:
+            raise DataError(f"{path}: num_features and num_labels must be positive")
+        if len(self.label_names) != self.num_labels:
+            raise DataError(f"{path}: {len(self.label_names)} label names for {self.num_labels} labels")
+        for name, info in self.splits.items():
+            if len(info.shards) != len(info.shard_lengths):
+                raise DataError(f"{path}: split '{name}' lists {len(info.shards)} shards "
+                                f"but {len(info.shard_lengths)} shard lengths")
+            if len(info.label_counts) != self.num_labels:
+                raise DataError(f"{path}: split '{name}' has {len(info.label_counts)} label counts "
+                                f"for {self.num_labels} labels")
+
+
+def write_manifest(directory: str, manifest: Manifest) -> str:
+    """Writes ``manifest.json`` into ``directory``; returns its path."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_json(), f, indent=1)
+    os.replace(tmp, path)  # Atomic: a reader never sees half a manifest.
+    return path
+
+
+def read_manifest(directory: str) -> Manifest:
+    """Reads and validates the manifest of a dataset directory.
+
+    Args:
+      directory: the dataset directory.
+
+    Returns:
+      The Manifest.
+
+    Raises:
+      DataError: the directory or manifest is missing or malformed (message names the path).
+    """
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: no such dataset directory")
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: manifest missing (is {directory} a dataset written by data_pipeline?)")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        splits = {
+            name: SplitInfo(shards=list(s["shards"]), shard_lengths=[int(n) for n in s["shard_lengths"]],
+                            label_counts=[int(c) for c in s["label_counts"]])
+            for name, s in raw["splits"].items()
+        }
+        manifest = Manifest(
+            num_features=int(raw["num_features"]), num_labels=int(raw["num_labels"]),
+            label_names=[str(n) for n in raw["label_names"]], feature_encoding=raw["feature_encoding"],
+            splits=splits, compression=raw.get("compression", ""), source=raw.get("source", ""),
+            format_version=int(raw.get("format_version", FORMAT_VERSION)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    manifest.validate(path)
+    return manifest

@@ -1,0 +1,131 @@
+"""Record-by-record validation of a dataset directory: ``inspect`` and locating a bad record.
+
+The fast reader parses whole batches, so when TensorFlow rejects a batch it cannot say which file and
+record was at fault. This module reads records one at a time, in Python, and names the first bad one; the
+trainer calls it to turn a bare TensorFlow error into a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipeline import manifest as mf
+from data_pipeline.errors import DataError
+
+
+@dataclasses.dataclass
+class SplitStats:
+    """Statistics of one split, gathered by reading every record."""
+
+    num_examples: int
+    label_counts: np.ndarray  # [L]
+    label_cardinality: float  # mean positives per example
+    label_density: float  # cardinality / L
+    non_finite_records: int
+
+
+def check_record(raw: bytes, manifest: mf.Manifest) -> tuple[np.ndarray, int]:
+    """Parses and checks one serialized record.
+
+    Returns:
+      (label indices, 1 if its features hold NaN/Inf else 0).
+
+    Raises:
+      ValueError: with what is wrong (the caller adds file and record).
+    """
+    ex = tf.train.Example.FromString(raw)
+    feats = ex.features.feature
+    if mf.KEY_LABELS not in feats:
+        raise ValueError(f"no '{mf.KEY_LABELS}' (labels) feature")
+    labels = np.asarray(feats[mf.KEY_LABELS].int64_list.value, np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= manifest.num_labels):
+        bad = labels[(labels < 0) | (labels >= manifest.num_labels)][0]
+        raise ValueError(f"label index {bad} out of range [0, {manifest.num_labels})")
+    if manifest.feature_encoding == mf.DENSE:
+        if mf.KEY_DENSE not in feats or len(feats[mf.KEY_DENSE].bytes_list.value) != 1:
+            raise ValueError(f"no '{mf.KEY_DENSE}' (dense features) bytes feature")
+        raw_x = feats[mf.KEY_DENSE].bytes_list.value[0]
+        if len(raw_x) != 4 * manifest.num_features:
+            raise ValueError(f"{len(raw_x) // 4} features, expected {manifest.num_features}")
+        x = np.frombuffer(raw_x, "<f4")
+    else:
+        idx = np.asarray(feats[mf.KEY_SPARSE_INDEX].int64_list.value, np.int64)
+        x = np.asarray(feats[mf.KEY_SPARSE_VALUE].float_list.value, np.float32)
+        if idx.size != x.size:
+            raise ValueError(f"{idx.size} feature indices but {x.size} values")
+        if idx.size and (idx.min() < 0 or idx.max() >= manifest.num_features):
+            raise ValueError(f"feature index out of range [0, {manifest.num_features})")
+    return labels, int(not np.all(np.isfinite(x)))
+
+
+def iter_split_records(data_dir: str, split: str, manifest: mf.Manifest):
+    """Yields (file path, record index, raw bytes) for every record, raising DataError on a corrupt file."""
+    info = manifest.split(split, data_dir)
+    for shard, expected in zip(info.shards, info.shard_lengths):
+        path = os.path.join(data_dir, shard)
+        if not os.path.exists(path):
+            raise DataError(f"{path}: shard listed in the manifest is missing")
+        n = 0
+        ds = tf.data.TFRecordDataset(path, compression_type=manifest.compression or None)
+        try:
+            for raw in ds.as_numpy_iterator():
+                yield path, n, raw
+                n += 1
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            reason = e.message.splitlines()[0] if e.message else type(e).__name__
+            raise DataError(f"{path} record {n}: truncated or corrupted TFRecord ({reason})") from None
+        if n != expected:
+            raise DataError(f"{path}: {n} records but the manifest says {expected}")
+
+
+def inspect_split(data_dir: str, split: str, manifest: mf.Manifest | None = None,
+                  allow_non_finite: bool = False) -> SplitStats:
+    """Reads every record of a split and checks it.
+
+    Args:
+      data_dir: dataset directory.
+      split: split name.
+      manifest: the manifest, if already read.
+      allow_non_finite: count NaN/Inf feature records instead of failing on the first.
+
+    Returns:
+      SplitStats.
+
+    Raises:
+      DataError: naming the shard file and record of the first problem.
+    """
+    manifest = manifest or mf.read_manifest(data_dir)
+    counts = np.zeros(manifest.num_labels, np.int64)
+    n = bad = positives = 0
+    for path, i, raw in iter_split_records(data_dir, split, manifest):
+        try:
+            labels, non_finite = check_record(raw, manifest)
+        except Exception as e:  # noqa: BLE001 - any parse problem is reported with its location.
+            raise DataError(f"{path} record {i}: {e}") from None
+        if non_finite and not allow_non_finite:
+            raise DataError(f"{path} record {i}: NaN/Inf feature value")
+        bad += non_finite
+        counts[np.unique(labels)] += 1
+        positives += np.unique(labels).size
+        n += 1
+    if n == 0:
+        raise DataError(f"{data_dir}: split '{split}' has no examples")
+    expected = manifest.split(split).label_counts
+    if list(counts) != list(expected):
+        raise DataError(f"{os.path.join(data_dir, mf.MANIFEST_NAME)}: label counts of split '{split}' do not "
+                        "match its records")
+    card = positives / n
+    return SplitStats(n, counts, card, card / manifest.num_labels, bad)
+
+
+def locate_bad_record(data_dir: str, split: str) -> str | None:
+    """Returns a one-line description of the first bad record of a split, or None if all are valid."""
+    try:
+        inspect_split(data_dir, split)
+    except DataError as e:
+        return str(e)
+    return None

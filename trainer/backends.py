@@ -1,0 +1,229 @@
+"""Distribution backends: the seam between the one training step and the ways of running it.
+
+Backends differ only in how gradients and metric sums are reduced, how the dataset is split and who
+writes files. tf.distribute strategies (one device, Mirrored, MultiWorkerMirrored) share one class, with
+Keras summing gradients across replicas inside ``apply_gradients``; Horovod sums them itself in
+``reduce_gradients``. The training step (trainer/steps.py) is written once against this interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("one_device", "mirrored", "multi_worker", "horovod")
+
+
+class Backend:
+    """Interface of a distribution backend (see module docstring).
+
+    Attributes:
+      name: the distribution name.
+      num_replicas: replicas over all workers (the global batch is split across them).
+      num_workers: processes taking part.
+      worker_index: this process' index (rank).
+      is_chief: whether this process writes checkpoints, summaries and exports.
+    """
+
+    name = "base"
+    num_replicas = 1
+    num_workers = 1
+    worker_index = 0
+    is_chief = True
+
+    def scope(self):
+        """Context in which the model and optimizer are created."""
+        return contextlib.nullcontext()
+
+    def distribute_dataset(self, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):
+        """Returns an iterable of batches for this process from ``dataset_fn(input_context)``."""
+        raise NotImplementedError
+
+    def run(self, fn, args):
+        """Runs ``fn(*args)`` on every local replica (inside a tf.function)."""
+        raise NotImplementedError
+
+    def reduce_sum(self, value):
+        """Sums per-replica values over all replicas and workers (inside a tf.function)."""
+        raise NotImplementedError
+
+    def reduce_gradients(self, grads):
+        """Sums gradients across processes when the optimizer does not (Horovod)."""
+        return grads
+
+    def sync_non_finite(self, grads):
+        """Makes gradients non-finite on every replica when they are on any one.
+
+        The LossScaleOptimizer skips a step with non-finite gradients; every replica must make the same
+        choice, or one applies an update the others skip (and collectives inside the update hang).
+        """
+        return grads
+
+    def finish_reduce(self, host_value):
+        """Completes a sum of host (NumPy) values that were reduced only locally (Horovod eval)."""
+        return host_value
+
+    def broadcast_initial_state(self, variables) -> None:
+        """Makes every process start from rank 0's values (Horovod; tf.distribute does this itself)."""
+
+    def barrier(self) -> None:
+        """Waits for every process (used around file writes)."""
+
+
+class StrategyBackend(Backend):
+    """tf.distribute strategies: OneDevice, Mirrored and MultiWorkerMirrored."""
+
+    def __init__(self, name: str, strategy: tf.distribute.Strategy):
+        self.name = name
+        self.strategy = strategy
+        self.num_replicas = strategy.num_replicas_in_sync
+        resolver = getattr(strategy, "cluster_resolver", None)
+        if name == "multi_worker" and resolver is not None:
+            spec = resolver.cluster_spec().as_dict()
+            self.num_workers = len(spec.get("worker", [])) + len(spec.get("chief", []))
+            task_type, task_id = resolver.task_type, resolver.task_id or 0
+            has_chief = "chief" in spec
+            self.is_chief = task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
+            self.worker_index = task_id + (1 if has_chief and task_type == "worker" else 0)
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def distribute_dataset(self, dataset_fn):
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def run(self, fn, args):
+        return self.strategy.run(fn, args=args)
+
+    def reduce_sum(self, value):
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+    def sync_non_finite(self, grads):
+        if self.num_replicas == 1:
+            return grads
+        bad = tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
+        any_bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad) > 0
+        return [tf.where(any_bad, tf.constant(float("nan"), g.dtype), g) for g in grads]
+
+    def barrier(self) -> None:
+        if self.num_workers > 1:
+            # An all-reduce of one number is a barrier every worker must reach.
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                 self.strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+class HorovodBackend(Backend):
+    """Horovod (horovodrun / MPI): one process per device, gradients summed with allreduce.
+
+    Args:
+      fp16_compression: compress gradients to float16 for the allreduce.
+    """
+
+    name = "horovod"
+
+    def __init__(self, fp16_compression: bool = False):
+        import horovod.tensorflow as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:  # One rank per GPU: each process sees only its own device.
+            tf.config.experimental.set_memory_growth(gpus[hvd.local_rank()], True)
+            tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
+        self.num_replicas = self.num_workers = hvd.size()
+        self.worker_index = hvd.rank()
+        self.is_chief = hvd.rank() == 0
+        self.compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
+
+    def distribute_dataset(self, dataset_fn):
+        ctx = tf.distribute.InputContext(num_input_pipelines=self.num_workers,
+                                         input_pipeline_id=self.worker_index,
+                                         num_replicas_in_sync=self.num_replicas)
+        return dataset_fn(ctx)
+
+    def run(self, fn, args):
+        return fn(*args)
+
+    def reduce_sum(self, value):
+        return tf.nest.map_structure(lambda v: self.hvd.allreduce(v, op=self.hvd.Sum), value)
+
+    def reduce_gradients(self, grads):
+        # Losses are already divided by the global batch, so the sum over ranks is the mean gradient.
+        return self.hvd.grouped_allreduce(list(grads), op=self.hvd.Sum, compression=self.compression)
+
+    def finish_reduce(self, host_value):
+        return tf.nest.map_structure(
+            lambda v: self.hvd.allreduce(tf.convert_to_tensor(v), op=self.hvd.Sum).numpy(), host_value)
+
+    def broadcast_initial_state(self, variables) -> None:
+        # Horovod needs the underlying tf.Variables, not Keras 3 variable wrappers (horovod#4290).
+        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+
+    def barrier(self) -> None:
+        self.hvd.allreduce(tf.constant(1.0), op=self.hvd.Sum)
+
+
+def configure_logical_cpus(count: int) -> None:
+    """Splits the CPU into ``count`` logical devices (MirroredStrategy on a CPU-only machine).
+
+    Must run before TensorFlow initialises its devices; a second call with the same count is harmless.
+    """
+    cpus = tf.config.list_physical_devices("CPU")
+    current = tf.config.get_logical_device_configuration(cpus[0])
+    if current and len(current) == count:
+        return
+    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+def resolve_distribution(name: str) -> str:
+    """Resolves ``auto``: horovod under horovodrun/mpirun, multi_worker with TF_CONFIG, mirrored with
+    several GPUs, else one_device."""
+    if name != "auto":
+        return name
+    if any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        return "horovod"
+    if os.environ.get("TF_CONFIG"):
+        cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+        if sum(len(v) for v in cluster.values()) > 1:
+            return "multi_worker"
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return "mirrored"
+    return "one_device"
+
+
+def make_backend(name: str, fp16_compression: bool = False) -> Backend:
+    """Creates the backend for a distribution name (``auto`` resolved first).
+
+    Raises:
+      ValueError: the distribution cannot run here (no TF_CONFIG, one device for mirrored, no Horovod).
+    """
+    name = resolve_distribution(name)
+    if name == "horovod":
+        try:
+            return HorovodBackend(fp16_compression)
+        except ImportError:
+            raise ValueError("train.distribution=horovod: horovod is not installed in this environment "
+                             "(build it with scripts/install_horovod.sh and use its python)") from None
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("train.distribution=multi_worker: TF_CONFIG is not set (see README, "
+                             "'Multi-worker training')")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        return StrategyBackend(name, strategy)
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    if name == "mirrored":
+        if len(devices) < 2:
+            raise ValueError("train.distribution=mirrored: needs at least 2 devices, found "
+                             f"{len(devices)} (no GPUs; set MLT_LOGICAL_CPUS=2 to try it on a CPU)")
+        return StrategyBackend(name, tf.distribute.MirroredStrategy(devices))
+    if name == "one_device":
+        return StrategyBackend(name, tf.distribute.OneDeviceStrategy(devices[0]))
+    raise ValueError(f"train.distribution: unknown '{name}'")

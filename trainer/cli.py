@@ -1,0 +1,104 @@
+"""Command line of the trainer: ``train``, ``evaluate`` and ``predict``.
+
+Exit status: 0 on success (also after SIGTERM handled by checkpointing), 2 with a one-line reason on bad
+input (config, data, model directory), 1 when training stopped on a NaN/Inf loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or resume a model")
+    t.add_argument("--data", required=True, help="dataset directory (python -m data_pipeline generate/convert)")
+    t.add_argument("--eval-data", default=None, help="dataset directory to evaluate on (default: --data)")
+    t.add_argument("--model-dir", required=True, help="checkpoints, config, TensorBoard logs, export")
+    t.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults otherwise")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.hidden=[1024,1024] (repeatable)")
+    t.add_argument("--epochs", type=int, default=None, help="= --set train.epochs=N")
+    t.add_argument("--max-steps", type=int, default=None, help="= --set train.max_steps=N")
+    t.add_argument("--distribution", default=None, help="auto|one_device|mirrored|multi_worker|horovod")
+    t.add_argument("--precision", default=None, help="auto|float32|mixed_float16|mixed_bfloat16")
+
+    e = sub.add_parser("evaluate", help="evaluate the latest checkpoint (or the export) on a dataset")
+    e.add_argument("--model-dir", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default=None, help="split to evaluate (default: test, else eval, else train)")
+    e.add_argument("--out", default=None, help="metrics JSON (default: <model-dir>/metrics-<split>.json); "
+                                                "the per-label CSV goes beside it")
+    e.add_argument("--source", choices=["auto", "checkpoint", "export"], default="auto")
+    e.add_argument("--batch-size", type=int, default=1024)
+
+    r = sub.add_parser("predict", help="per-label probabilities, top-k labels and thresholded label sets")
+    r.add_argument("--model-dir", required=True)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset directory (records are predicted in dataset order)")
+    src.add_argument("--input", help="features file: .npy / .npz (array 'features' or 'x') / .csv (no header)")
+    r.add_argument("--split", default=None, help="split of --data (default: test, else eval, else train)")
+    r.add_argument("--out", required=True, help=".npz (probabilities, label_names) or .jsonl (top-k, label set)")
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--batch-size", type=int, default=1024)
+    return p
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    # Logical CPU devices must be configured before TensorFlow touches a device (MirroredStrategy on CPU).
+    if os.environ.get("MLT_LOGICAL_CPUS"):
+        from trainer.backends import configure_logical_cpus
+
+        configure_logical_cpus(int(os.environ["MLT_LOGICAL_CPUS"]))
+    from data_pipeline.errors import DataError
+    from trainer.checkpointing import ResumeError
+    from trainer.config import ConfigError, load_config
+
+    try:
+        if args.command == "train":
+            from trainer import cluster
+            from trainer.train import TrainingError, train
+
+            cluster.maybe_set_tf_config_from_indexed_job()
+            cfg = load_config(args.config, args.overrides, {
+                "train.epochs": args.epochs, "train.max_steps": args.max_steps,
+                "train.distribution": args.distribution, "train.precision": args.precision})
+            try:
+                result = train(cfg, args.data, args.model_dir, args.eval_data)
+            except TrainingError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            logdir = os.path.join(args.model_dir, "logs")
+            if result.stopped_by_signal:
+                print(f"stopped by signal at step {result.step}; checkpoint saved; run the same command to resume")
+            else:
+                print(f"trained {result.step} steps; exported model: {result.export_dir}")
+            print(f"TensorBoard logs: {logdir}  (tensorboard --logdir {logdir})")
+        elif args.command == "evaluate":
+            from trainer import inference
+
+            inference.evaluate_command(args.model_dir, args.data, args.split, args.out, args.source, args.batch_size)
+        else:
+            from trainer import inference
+
+            inference.predict_command(args.model_dir, args.data, args.input, args.split, args.out, args.top_k,
+                                      args.batch_size)
+    except (ConfigError, DataError, ResumeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,292 @@
+"""The one config system: typed dataclasses, loaded from a YAML file, with ``--set key=value`` overrides.
+
+Everything is validated before any work starts: an unknown key, a value of the wrong type or an impossible
+value is a ConfigError whose one line names the key (and the file). The resolved config is written into
+the model directory, so a run can always be reproduced and resumed with the settings it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names the key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [2048, 2048])  # widths; depth = len
+    activation: str = "relu"
+    dropout: float = 0.0  # after each hidden layer
+    input_dropout: float = 0.0  # on the features (helps sparse bag-of-words inputs)
+    l2: float = 0.0  # L2 penalty on kernels (prefer optimizer.weight_decay with adamw)
+    input_transform: str = "none"  # none | log1p | l2_normalize | log1p_l2 (bag-of-words: TF-IDF-like)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_split: str = "train"
+    # Evaluated during training (early stopping, threshold tuning): the validation records held out of
+    # the train split when validation_fraction > 0; otherwise eval_split of --eval-data (or --data).
+    # eval_split "auto" = "eval" if the dataset has one, else no evaluation during training (a "test"
+    # split is never used for choices made during training unless named here explicitly).
+    validation_fraction: float = 0.0
+    eval_split: str = "auto"
+    shuffle_buffer: int = 10000
+    cycle_length: int = 8
+    cache: bool = False
+    on_bad_features: str = "fail"  # fail | skip
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adam | adamw
+    learning_rate: float = 1e-3  # at base_batch_size; scaled to the global batch by lr_scaling
+    base_batch_size: int = 256
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    weight_decay: float = 1e-4  # adamw only
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio
+    clipnorm: Optional[float] = None
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+
+@dataclasses.dataclass
+class LossConfig:
+    pos_weight: str = "none"  # none | manifest (neg/pos ratio from the manifest's label counts, capped)
+    pos_weight_cap: float = 10.0
+    label_weights: Optional[list[float]] = None  # explicit per-label loss weights
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = 256  # global batch, over all replicas and workers
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stops earlier than epochs
+    distribution: str = "auto"  # auto | one_device | mirrored | multi_worker | horovod
+    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: bool = False
+    steps_per_call: int = 1  # training steps per tf.function call (fewer Python round trips)
+    log_every_steps: int = 100
+    eval_every_steps: int = 0  # 0 = at the end of every epoch
+    seed: int = 0
+    deterministic: bool = False  # deterministic ops and input order (exact resume, reproducible tests)
+    early_stopping_patience: int = 0  # evaluations without improvement of early_stopping_metric; 0 = off
+    early_stopping_metric: str = "macro_pr_auc"
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    every_seconds: float = 600.0
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    num_bins: int = 200  # threshold histogram resolution (memory: labels x bins)
+    per_label_summaries: bool = True
+    pr_curve_labels: list[str] = dataclasses.field(default_factory=list)  # default: most frequent + worst
+    num_worst_labels: int = 10
+    tune_thresholds: bool = True
+    min_positives_for_threshold: int = 5
+
+
+@dataclasses.dataclass
+class HorovodConfig:
+    fp16_compression: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    horovod: HorovodConfig = dataclasses.field(default_factory=HorovodConfig)
+
+
+_CHOICES = {
+    "model.activation": {"relu", "gelu", "swish", "tanh"},
+    "model.input_transform": {"none", "log1p", "l2_normalize", "log1p_l2"},
+    "data.on_bad_features": {"fail", "skip"},
+    "optimizer.name": {"adam", "adamw"},
+    "optimizer.lr_scaling": {"linear", "sqrt", "none"},
+    "optimizer.decay": {"cosine", "linear", "constant"},
+    "loss.pos_weight": {"none", "manifest"},
+    "train.distribution": {"auto", "one_device", "mirrored", "multi_worker", "horovod"},
+    "train.precision": {"auto", "float32", "mixed_float16", "mixed_bfloat16"},
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``, converting int to float where harmless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of its keys, got {value!r}")
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values that types alone cannot; raises ConfigError naming the key."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(sorted(allowed))}")
+    checks = [
+        ("model.hidden", all(w > 0 for w in cfg.model.hidden), "widths must be positive"),
+        ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
+        ("model.input_dropout", 0.0 <= cfg.model.input_dropout < 1.0, "must be in [0, 1)"),
+        ("model.l2", cfg.model.l2 >= 0, "must be >= 0"),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer >= 1, "must be >= 1"),
+        ("data.cycle_length", cfg.data.cycle_length >= 1, "must be >= 1"),
+        ("data.validation_fraction", 0 <= cfg.data.validation_fraction < 1, "must be in [0, 1)"),
+        ("optimizer.learning_rate", cfg.optimizer.learning_rate > 0, "must be > 0"),
+        ("optimizer.base_batch_size", cfg.optimizer.base_batch_size > 0, "must be > 0"),
+        ("optimizer.weight_decay", cfg.optimizer.weight_decay >= 0, "must be >= 0"),
+        ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
+        ("optimizer.min_lr_ratio", 0 <= cfg.optimizer.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("optimizer.clipnorm", cfg.optimizer.clipnorm is None or cfg.optimizer.clipnorm > 0, "must be > 0"),
+        ("loss.pos_weight_cap", cfg.loss.pos_weight_cap >= 1, "must be >= 1"),
+        ("loss.label_smoothing", 0 <= cfg.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
+        ("train.epochs", cfg.train.epochs > 0, "must be > 0"),
+        ("train.max_steps", cfg.train.max_steps is None or cfg.train.max_steps > 0, "must be > 0"),
+        ("train.steps_per_call", cfg.train.steps_per_call >= 1, "must be >= 1"),
+        ("train.log_every_steps", cfg.train.log_every_steps >= 1, "must be >= 1"),
+        ("train.eval_every_steps", cfg.train.eval_every_steps >= 0, "must be >= 0"),
+        ("train.early_stopping_patience", cfg.train.early_stopping_patience >= 0, "must be >= 0"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps >= 0, "must be >= 0"),
+        ("checkpoint.every_seconds", cfg.checkpoint.every_seconds >= 0, "must be >= 0"),
+        ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
+        ("metrics.num_bins", 10 <= cfg.metrics.num_bins <= 10000, "must be in [10, 10000]"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"{key}: {why} (got {getattr(getattr(cfg, section), name)!r})")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses ``key.sub=value`` (value in YAML syntax: 3, 0.1, true, [1024, 1024], adamw)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text}: value is not valid YAML") from None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                extra: dict[str, Any] | None = None) -> Config:
+    """Builds the config: defaults, then the YAML file, then ``--set`` overrides, then ``extra``.
+
+    Args:
+      path: YAML file or None for the defaults.
+      overrides: "dotted.key=value" strings.
+      extra: dotted keys set by dedicated flags (e.g. {"train.epochs": 3}).
+
+    Returns:
+      A validated Config.
+
+    Raises:
+      ConfigError: naming the file and/or key at fault.
+    """
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            _merge(cfg, raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    for key, value in (extra or {}).items():
+        if value is not None:
+            _merge(cfg, _nest(key, value))
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for hparams and logs)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,159 @@
+"""Evaluation during and after training: streaming metric state, early stopping, threshold tuning.
+
+The eval step (trainer/steps.py) returns additive metric state summed over replicas and workers; this
+module accumulates it over the eval split on the host and turns it into values with the pure functions
+of trainer.metrics, so evaluation during training, ``trainer evaluate`` and threshold tuning all read
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipeline import manifest as mf
+from data_pipeline import reader
+from trainer.backends import Backend
+from trainer.metrics import compute
+from trainer.metrics import state as metric_state
+from trainer.steps import make_eval_function
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalSource:
+    """Which records to evaluate on: a split of a dataset, optionally only the held-out validation part."""
+
+    data_dir: str
+    split: str
+    holdout_fraction: float = 0.0
+
+    def describe(self) -> str:
+        part = f" (validation records held out of it: {self.holdout_fraction:g})" if self.holdout_fraction else ""
+        return f"{self.data_dir} split '{self.split}'{part}"
+
+
+@dataclasses.dataclass
+class EvalResult:
+    metrics: compute.MetricsResult
+    loss: float
+    state: dict
+
+
+def eval_source(cfg, data_dir: str, eval_data_dir: str | None) -> EvalSource | None:
+    """Chooses what to evaluate on during training (see DataConfig): the validation holdout, else the
+    eval split, else nothing."""
+    if cfg.data.validation_fraction > 0:
+        return EvalSource(data_dir, cfg.data.train_split, cfg.data.validation_fraction)
+    directory = eval_data_dir or data_dir
+    split = cfg.data.eval_split
+    if split == "auto":
+        split = "eval" if "eval" in mf.read_manifest(directory).splits else ""
+    if not split:
+        return None
+    mf.read_manifest(directory).split(split, directory)  # A missing split is an error now, not at step N.
+    return EvalSource(directory, split)
+
+
+class Evaluator:
+    """Runs evaluation passes with a backend.
+
+    Args:
+      backend: the distribution backend.
+      model: the model.
+      loss_fn: per-example loss.
+      manifest: the training dataset's manifest (label names, training label counts for buckets).
+      cfg: the config (metrics section, batch size, train split).
+      thresholds: per-label decision thresholds for precision/recall/F1 (default 0.5).
+    """
+
+    def __init__(self, backend: Backend, model, loss_fn, manifest: mf.Manifest, cfg, thresholds=None):
+        self.backend, self.manifest, self.cfg = backend, manifest, cfg
+        self.num_bins = cfg.metrics.num_bins
+        self.thresholds = np.full(manifest.num_labels, 0.5, np.float32) if thresholds is None else \
+            np.asarray(thresholds, np.float32)
+        state_fn = functools.partial(metric_state.batch_metric_state, thresholds=tf.constant(self.thresholds),
+                                     num_bins=self.num_bins)
+        self.eval_fn = make_eval_function(backend, model, loss_fn, state_fn)
+        split = cfg.data.train_split
+        self.train_counts = manifest.splits[split].label_counts if split in manifest.splits else None
+
+    def run(self, source: EvalSource) -> EvalResult:
+        """One pass over ``source``; returns metrics computed from the globally summed state."""
+        batch = self.cfg.train.batch_size
+        options = reader.ReaderOptions(shuffle=False, repeat=False, deterministic=True,
+                                       cycle_length=self.cfg.data.cycle_length,
+                                       on_bad_features=self.cfg.data.on_bad_features,
+                                       holdout_fraction=source.holdout_fraction, holdout="only")
+
+        def dataset_fn(ctx):
+            return reader.make_dataset(source.data_dir, source.split, ctx.get_per_replica_batch_size(batch), ctx,
+                                       options)
+
+        acc = metric_state.zero_state(self.manifest.num_labels, self.num_bins)
+        acc["loss_sum"] = np.zeros((), np.float64)
+        try:
+            for batch_data in self.backend.distribute_dataset(dataset_fn):
+                out = self.eval_fn(batch_data)
+                acc = metric_state.accumulate(acc, {k: np.asarray(v) for k, v in out.items()})
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+            raise reader.explain_data_error(source.data_dir, source.split, e) from None
+        acc = self.backend.finish_reduce(acc)
+        n = float(acc["num_examples"])
+        if n == 0:
+            raise ValueError(f"evaluation on {source.describe()} saw no examples")
+        metrics = compute.compute_metrics(acc, self.manifest.label_names, self.thresholds, self.train_counts)
+        return EvalResult(metrics, float(acc["loss_sum"]) / n, acc)
+
+    def tune_thresholds(self, result: EvalResult) -> np.ndarray:
+        """Per-label F1-optimal thresholds from an evaluation's histograms (0.5 for rare labels)."""
+        return compute.tune_thresholds(result.state, self.cfg.metrics.min_positives_for_threshold)
+
+
+class EarlyStopping:
+    """Stops after ``patience`` evaluations without improvement and keeps the best weights (host copy).
+
+    Args:
+      patience: evaluations without improvement before stopping; 0 disables early stopping.
+      metric: aggregate to maximise (e.g. macro_pr_auc, precision@1) or "loss" to minimise.
+    """
+
+    def __init__(self, patience: int, metric: str):
+        self.patience, self.metric = patience, metric
+        self.best_value, self.best_step, self.bad_evals = -np.inf, -1, 0
+        self.best_weights = None
+        self.last_result: EvalResult | None = None
+        self.restored = False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad_evals >= self.patience
+
+    def update(self, step: int, result: EvalResult, model) -> None:
+        self.last_result = result
+        if not self.patience:
+            return
+        value = -result.loss if self.metric == "loss" else result.metrics.aggregates[self.metric]
+        if value > self.best_value:
+            self.best_value, self.best_step, self.bad_evals = value, step, 0
+            self.best_weights = model.get_weights()
+        else:
+            self.bad_evals += 1
+
+    def restore_best(self, model) -> None:
+        """Puts the best weights back when training ended on a worse evaluation."""
+        if self.best_weights is not None and self.bad_evals:
+            log.info("restoring the weights of step %d (best %s %.4f)", self.best_step, self.metric, self.best_value)
+            model.set_weights(self.best_weights)
+            self.restored = True
+
+
+def summary_line(result: EvalResult) -> str:
+    a = result.metrics.aggregates
+    keys = ("precision@1", "precision@3", "precision@5", "micro_f1", "macro_f1", "macro_roc_auc", "macro_pr_auc")
+    return f"loss {result.loss:.5f} " + " ".join(f"{k} {a[k]:.4f}" for k in keys if k in a)
