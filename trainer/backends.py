@@ -164,10 +164,17 @@ class HorovodBackend(Backend):
 
     def broadcast_initial_state(self, variables) -> None:
         # Horovod needs the underlying tf.Variables, not Keras 3 variable wrappers (horovod#4290).
-        self.hvd.broadcast_variables([getattr(v, "value", v) for v in variables], root_rank=0)
+        self.hvd.broadcast_variables([tf_variable(v) for v in variables], root_rank=0)
 
     def barrier(self) -> None:
         self.hvd.allreduce(tf.constant(1.0), op=self.hvd.Sum)
+
+
+def tf_variable(v):
+    """The tf.Variable behind a Keras 3 variable (a plain tf.Variable is returned as is)."""
+    import keras
+
+    return v.value if isinstance(v, keras.Variable) else v
 
 
 def configure_logical_cpus(count: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Optional
@@ -39,8 +40,10 @@ class DataConfig:
     # split is never used for choices made during training unless named here explicitly).
     validation_fraction: float = 0.0
     eval_split: str = "auto"
+    shuffle: bool = True  # off: files and records in dataset order (reproducing a run across backends)
     shuffle_buffer: int = 10000
-    cycle_length: int = 8
+    cycle_length: int = 8  # files read at once
+    block_length: int = 16  # consecutive records taken from one file before moving to the next
     cache: bool = False
     on_bad_features: str = "fail"  # fail | skip
 
@@ -130,7 +133,16 @@ _CHOICES = {
     "loss.pos_weight": {"none", "manifest"},
     "train.distribution": {"auto", "one_device", "mirrored", "multi_worker", "horovod"},
     "train.precision": {"auto", "float32", "mixed_float16", "mixed_bfloat16"},
+    # Aggregates of trainer.metrics.compute that grow when the model gets better (EarlyStopping maximises;
+    # "loss" is minimised). Checked here: a typo used to be a KeyError at the first evaluation, N steps in.
+    "train.early_stopping_metric": {"loss", "precision@1", "precision@3", "precision@5", "ndcg@1", "ndcg@3",
+                                    "ndcg@5", "micro_precision", "micro_recall", "micro_f1", "macro_precision",
+                                    "macro_recall", "macro_f1", "macro_roc_auc", "macro_pr_auc", "micro_roc_auc",
+                                    "micro_pr_auc", "subset_accuracy", "lrap"},
 }
+
+# PyYAML implements YAML 1.1, which reads 1e-3 (no dot) as a string; accepted where a float is expected.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -147,6 +159,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -165,6 +179,8 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             raise ConfigError(f"unknown config key '{full}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
+            if value is None:  # A section whose keys are all commented out: its defaults.
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of its keys, got {value!r}")
             _merge(current, value, full + ".")
@@ -186,6 +202,7 @@ def validate(cfg: Config) -> Config:
         ("model.l2", cfg.model.l2 >= 0, "must be >= 0"),
         ("data.shuffle_buffer", cfg.data.shuffle_buffer >= 1, "must be >= 1"),
         ("data.cycle_length", cfg.data.cycle_length >= 1, "must be >= 1"),
+        ("data.block_length", cfg.data.block_length >= 1, "must be >= 1"),
         ("data.validation_fraction", 0 <= cfg.data.validation_fraction < 1, "must be in [0, 1)"),
         ("optimizer.learning_rate", cfg.optimizer.learning_rate > 0, "must be > 0"),
         ("optimizer.base_batch_size", cfg.optimizer.base_batch_size > 0, "must be > 0"),
@@ -193,6 +210,9 @@ def validate(cfg: Config) -> Config:
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
         ("optimizer.min_lr_ratio", 0 <= cfg.optimizer.min_lr_ratio <= 1, "must be in [0, 1]"),
         ("optimizer.clipnorm", cfg.optimizer.clipnorm is None or cfg.optimizer.clipnorm > 0, "must be > 0"),
+        ("optimizer.beta_1", 0 <= cfg.optimizer.beta_1 < 1, "must be in [0, 1)"),
+        ("optimizer.beta_2", 0 <= cfg.optimizer.beta_2 < 1, "must be in [0, 1)"),
+        ("optimizer.epsilon", cfg.optimizer.epsilon > 0, "must be > 0"),
         ("loss.pos_weight_cap", cfg.loss.pos_weight_cap >= 1, "must be >= 1"),
         ("loss.label_smoothing", 0 <= cfg.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),

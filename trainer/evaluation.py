@@ -127,8 +127,8 @@ class EarlyStopping:
         self.patience, self.metric = patience, metric
         self.best_value, self.best_step, self.bad_evals = -np.inf, -1, 0
         self.best_weights = None
+        self.best_result: EvalResult | None = None
         self.last_result: EvalResult | None = None
-        self.restored = False
 
     @property
     def should_stop(self) -> bool:
@@ -142,15 +142,17 @@ class EarlyStopping:
         if value > self.best_value:
             self.best_value, self.best_step, self.bad_evals = value, step, 0
             self.best_weights = model.get_weights()
+            self.best_result = result
         else:
             self.bad_evals += 1
 
-    def restore_best(self, model) -> None:
-        """Puts the best weights back when training ended on a worse evaluation."""
-        if self.best_weights is not None and self.bad_evals:
-            log.info("restoring the weights of step %d (best %s %.4f)", self.best_step, self.metric, self.best_value)
-            model.set_weights(self.best_weights)
-            self.restored = True
+    def restore_best(self, model) -> bool:
+        """Puts the best weights back when training ended on a worse evaluation; returns whether it did."""
+        if self.best_weights is None or not self.bad_evals:
+            return False
+        log.info("restoring the weights of step %d (best %s %.4f)", self.best_step, self.metric, self.best_value)
+        model.set_weights(self.best_weights)
+        return True
 
 
 def summary_line(result: EvalResult) -> str:

@@ -22,6 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.backends import tf_variable
+
 SAVED_MODEL = "saved_model"
 LABELS_FILE = "labels.json"
 THRESHOLDS_FILE = "thresholds.json"
@@ -32,7 +34,7 @@ class _Serving(tf.Module):
         super().__init__()
         self.model = model
         # Keras 3 variables wrap tf.Variables; track the underlying ones so the SavedModel owns them.
-        self.weights_ = [getattr(v, "value", v) for v in model.weights]
+        self.weights_ = [tf_variable(v) for v in model.weights]
         self.thresholds = tf.constant(thresholds, tf.float32)
         num_features = model.input_shape[-1]
 

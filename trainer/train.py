@@ -10,10 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
-import sys
 import time
 
 import keras
@@ -51,11 +49,19 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self._previous = {}
 
     def install(self) -> None:
         if threading_main():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Puts the handlers back that were there before install (train() called from a library, a
+        notebook or the tests must not leave Ctrl-C swallowed by a finished run's flag)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         log.warning("received signal %d: checkpointing and stopping after the current step", signum)
@@ -82,15 +88,24 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
     Returns:
       TrainResult.
     """
+    stop = _StopFlag()
+    stop.install()
+    try:
+        return _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) -> TrainResult:
     # --- Runtime: precision policy, backend, determinism -----------------------------------------------
     policy = precision.apply_policy(cfg.train.precision)
     backend = backend or make_backend(cfg.train.distribution, cfg.horovod.fp16_compression)
+    if not backend.is_chief:  # One progress log per job: the chief's.
+        logging.getLogger().setLevel(logging.WARNING)
     if cfg.train.deterministic:
         keras.utils.set_random_seed(cfg.train.seed)
         tf.config.experimental.enable_op_determinism()
     os.makedirs(model_dir, exist_ok=True)
-    stop = _StopFlag()
-    stop.install()
 
     # --- Data --------------------------------------------------------------------------------------------
     manifest = mf.read_manifest(data_dir)
@@ -109,9 +124,10 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
 
     def reader_options(epoch_seed: int) -> reader.ReaderOptions:
         return reader.ReaderOptions(
-            shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
+            shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
             deterministic=cfg.train.deterministic, seed=cfg.train.seed + epoch_seed, cache=cfg.data.cache,
-            drop_remainder=True, cycle_length=cfg.data.cycle_length, on_bad_features=cfg.data.on_bad_features,
+            drop_remainder=True, cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
+            on_bad_features=cfg.data.on_bad_features,
             holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
 
     # --- Model, loss, optimizer ----------------------------------------------------------------------------
@@ -147,6 +163,17 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
     log.info("%s: %d replica(s), %d worker(s), precision %s, global batch %d, %d steps/epoch, %s step %d of %d",
              backend.name, backend.num_replicas, backend.num_workers, policy, global_batch, steps_per_epoch,
              "resuming at" if step else "starting at", step, total_steps)
+
+    def evaluate_and_log(at_step: int) -> evaluation.EvalResult:
+        result = evaluator.run(eval_source)
+        if cfg.metrics.per_label_summaries:
+            writers.eval_results(at_step, result.metrics, manifest.label_names, cfg.metrics.pr_curve_labels or None,
+                                 cfg.metrics.num_worst_labels)
+        else:
+            writers.scalars("eval", at_step, {f"metrics/{k}": v for k, v in result.metrics.aggregates.items()})
+        writers.scalars("eval", at_step, {"loss": result.loss})
+        log.info("eval step %d: %s", at_step, evaluation.summary_line(result))
+        return result
 
     # --- Loop ------------------------------------------------------------------------------------------------
     replicas_per_pipeline = backend.num_replicas // backend.num_workers
@@ -192,13 +219,8 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
             if keeper.due(step) or stopped_by_signal:
                 keeper.save(step)
             if evaluator and not stopped_by_signal and _eval_due(step, in_epoch, steps_per_epoch, total_steps, cfg):
-                result = evaluator.run(eval_source)
+                result = evaluate_and_log(step)
                 last_eval_step = step
-                writers.eval_results(step, result.metrics, manifest.label_names, cfg.metrics.pr_curve_labels or None,
-                                     cfg.metrics.num_worst_labels) if cfg.metrics.per_label_summaries else \
-                    writers.scalars("eval", step, {f"metrics/{k}": v for k, v in result.metrics.aggregates.items()})
-                writers.scalars("eval", step, {"loss": result.loss})
-                log.info("eval step %d: %s", step, evaluation.summary_line(result))
                 best.update(step, result, model)
                 if best.should_stop:
                     log.info("early stopping at step %d: no %s improvement for %d evaluations (best %.4f at "
@@ -213,10 +235,14 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
         keeper.save(step)
     final_metrics, export_dir = {}, None
     if not stopped_by_signal:
-        best.restore_best(model)
-        thresholds, result = None, None
+        thresholds = None
         if evaluator:
-            result = evaluator.run(eval_source) if (last_eval_step != step or best.restored) else best.last_result
+            if best.restore_best(model):
+                result = best.best_result
+            elif last_eval_step == step:
+                result = best.last_result
+            else:
+                result = evaluate_and_log(step)
             final_metrics = dict(result.metrics.aggregates)
             if cfg.metrics.tune_thresholds:
                 thresholds = evaluator.tune_thresholds(result)
@@ -226,8 +252,17 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
             log.info("exported the model to %s", export_dir)
         writers.hparams(config_lib.flatten(config_lib.to_dict(cfg)), final_metrics)
     writers.close()
+    _maybe_dump_weights(model, backend)
     backend.barrier()
     return TrainResult(step, stopped_by_signal, final_metrics, export_dir)
+
+
+def _maybe_dump_weights(model, backend: Backend) -> None:
+    """MLT_DUMP_WEIGHTS=path/weights-{worker}.npz: every process writes its final weights (a debugging aid
+    and what the tests use to check that all workers / ranks hold identical weights)."""
+    pattern = os.environ.get("MLT_DUMP_WEIGHTS")
+    if pattern:
+        np.savez(pattern.format(worker=backend.worker_index), *model.get_weights())
 
 
 def _steps_this_call(step, in_epoch, steps_per_epoch, total_steps, cfg) -> int:
@@ -309,9 +344,3 @@ def _check_run_info(model_dir, manifest, cfg) -> None:
                                      "--model-dir, or the data and config it was started with")
 
 
-def total_steps_for(cfg, num_examples: int) -> int:
-    steps = max(1, int(num_examples * (1 - cfg.data.validation_fraction)) // cfg.train.batch_size) * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-
-
-_ = (math, sys)

@@ -1,0 +1,371 @@
+"""Metric values from accumulated metric state: pure NumPy, no TensorFlow import.
+
+The state comes from :func:`trainer.metrics.state.batch_metric_state` summed over
+replicas and batches (keys documented there).  Everything here is a pure function of
+that state, so summaries, ``evaluate`` and threshold tuning read the same numbers and the
+tests can compare them with scikit-learn.
+
+Conventions (undefined is NaN, never 0 or 1, and NaN labels are left out of macro means):
+
+* ``roc_auc``: NaN when a label has no positives or no negatives in the evaluated data.
+* ``pr_auc`` (average precision): NaN when a label has no positives.
+* ``precision``: NaN when nothing was predicted (tp + fp == 0).
+* ``recall``: NaN when the label has no positives.
+* ``f1`` = 2tp / (2tp + fp + fn): NaN only when there are no positives *and* no
+  predictions; a label with no positives but false positives has F1 = 0.  This is
+  sklearn's ``f1_score(..., zero_division=np.nan)``, which also drops NaN from the macro
+  mean.
+* Curves are computed at the K+1 bin edges ``j/K``; ROC-AUC is the trapezoid over them,
+  PR-AUC is sklearn's average precision ``sum_n (R_n - R_{n-1}) P_n``.  Both equal
+  sklearn exactly when every prediction in a bin has the same value, and otherwise differ
+  only by the ordering inside a bin (resolution 1/K).
+* Micro AUCs use the histograms summed over labels (sklearn's ``average="micro"``).
+* Ranking metrics (P@k, nDCG@k, LRAP) are means over examples; examples without
+  positives contribute 0 to P@k and nDCG@k and 1 to LRAP (sklearn's conventions).
+
+Head / torso / tail buckets (:func:`assign_buckets`) use the *training* label counts:
+labels sorted by count, most frequent first; a label is ``head`` while the share of all
+training positives held by the more frequent labels is below ``bucket_edges[0]``
+(default 0.5), ``torso`` while below ``bucket_edges[1]`` (0.9), else ``tail``.  So head
+is the few labels carrying the first half of the positives and tail the many rare labels
+carrying the last 10%.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+BUCKETS = ("head", "torso", "tail")
+_PER_LABEL_COLUMNS = ("support", "roc_auc", "pr_auc", "precision", "recall", "f1", "threshold")
+
+
+@dataclasses.dataclass
+class MetricsResult:
+    """Metric values computed from one accumulated state.
+
+    Attributes:
+      aggregates: ``{name: float}``; see :func:`compute_metrics` for the keys.
+      per_label: ``{name: float64 array [L]}`` with ``roc_auc``, ``pr_auc``, ``precision``,
+        ``recall``, ``f1``, ``support``, ``pred_pos_rate``, ``threshold``.
+      label_names: the label names, in state order.
+      buckets: ``[L]`` array of ``head``/``torso``/``tail`` or None without training counts.
+      pos_hist, neg_hist: the ``[L, K]`` histograms the values came from (references, not
+        copies), kept so that PR curves can be drawn from the result alone.
+    """
+
+    aggregates: dict[str, float]
+    per_label: dict[str, np.ndarray]
+    label_names: list[str]
+    buckets: np.ndarray | None = None
+    pos_hist: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    neg_hist: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+
+def _divide(num, den):
+    """num / den with NaN where den == 0 (the 'undefined' convention)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def _cumulative_counts(pos_hist, neg_hist):
+    """tp/fp at the bin-edge thresholds, thresholds *descending*.
+
+    Column i (i = 0..K) is the threshold ``(K - i)/K``: i=0 predicts nothing, i=K
+    predicts everything.
+    """
+    pos_hist = np.atleast_2d(pos_hist)
+    neg_hist = np.atleast_2d(neg_hist)
+    zeros = np.zeros((pos_hist.shape[0], 1))
+    tp = np.concatenate([zeros, np.cumsum(pos_hist[:, ::-1], axis=1)], axis=1)
+    fp = np.concatenate([zeros, np.cumsum(neg_hist[:, ::-1], axis=1)], axis=1)
+    return tp, fp
+
+
+def histogram_auc(pos_hist, neg_hist) -> tuple[np.ndarray, np.ndarray]:
+    """ROC-AUC and average precision per row of the histograms.
+
+    Args:
+      pos_hist: ``[L, K]`` (or ``[K]``) positive counts per bin.
+      neg_hist: ``[L, K]`` (or ``[K]``) negative counts per bin.
+
+    Returns:
+      ``(roc_auc [L], pr_auc [L])``; NaN where undefined (see module doc).
+    """
+    tp, fp = _cumulative_counts(pos_hist, neg_hist)
+    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr, fpr = tp / n_pos, fp / n_neg
+        roc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1)
+        # Precision is only used where recall moves, i.e. where tp (so tp+fp) grew.
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
+        ap = np.sum(np.diff(tpr, axis=1) * precision[:, 1:], axis=1)
+    roc = np.where((n_pos[:, 0] > 0) & (n_neg[:, 0] > 0), roc, np.nan)
+    ap = np.where(n_pos[:, 0] > 0, ap, np.nan)
+    return roc, ap
+
+
+def assign_buckets(train_label_counts, bucket_edges: Sequence[float] = (0.5, 0.9)) -> np.ndarray:
+    """Head / torso / tail bucket per label from training label counts.
+
+    Args:
+      train_label_counts: ``[L]`` positives per label in the training set.
+      bucket_edges: two increasing cumulative-share edges (see module doc).
+
+    Returns:
+      ``[L]`` array of ``"head"``, ``"torso"`` or ``"tail"``.
+    """
+    counts = np.asarray(train_label_counts, np.float64)
+    lo, hi = bucket_edges
+    if not 0.0 < lo < hi <= 1.0:
+        raise ValueError(f"bucket_edges must satisfy 0 < lo < hi <= 1, got {bucket_edges}")
+    order = np.argsort(-counts, kind="stable")  # most frequent first, ties by index
+    total = counts.sum()
+    share_before = np.zeros(len(counts))
+    if total > 0:
+        share_before[order] = (np.cumsum(counts[order]) - counts[order]) / total
+    else:
+        share_before[:] = 1.0
+    buckets = np.where(share_before < lo, "head", np.where(share_before < hi, "torso", "tail"))
+    buckets[counts <= 0] = "tail"  # never seen in training: rare by definition
+    return buckets.astype(object)
+
+
+def compute_metrics(
+    state: Mapping[str, np.ndarray],
+    label_names: Sequence[str],
+    thresholds,
+    train_label_counts=None,
+    bucket_edges: Sequence[float] = (0.5, 0.9),
+) -> MetricsResult:
+    """All metric values from an accumulated state.
+
+    Args:
+      state: accumulated state (host-side float64 arrays; see ``state.STATE_KEYS``).
+      label_names: ``L`` label names, in the order of the state's label axis.
+      thresholds: ``[L]`` decision thresholds the state's tp/fp/fn were counted at.
+      train_label_counts: optional ``[L]`` training positives per label; enables the
+        ``bucket/<head|torso|tail>/...`` aggregates. Without it no bucket keys are added.
+      bucket_edges: cumulative-share edges for :func:`assign_buckets`.
+
+    Returns:
+      A :class:`MetricsResult`. ``aggregates`` keys: ``precision@{1,3,5}``,
+      ``ndcg@{1,3,5}``, ``micro_precision``, ``micro_recall``, ``micro_f1``, ``macro_f1``,
+      ``macro_precision``, ``macro_recall``, ``macro_roc_auc``, ``macro_pr_auc``,
+      ``micro_roc_auc``, ``micro_pr_auc``, ``hamming_loss``, ``subset_accuracy``,
+      ``lrap``, ``num_examples``, ``num_labels``, ``num_labels_with_support``, and per
+      bucket ``bucket/<b>/{macro_f1,macro_roc_auc,macro_pr_auc,num_labels}``.
+    """
+    label_names = [str(n) for n in label_names]
+    num_labels = len(label_names)
+    pos_hist = np.asarray(state["pos_hist"], np.float64)
+    neg_hist = np.asarray(state["neg_hist"], np.float64)
+    if pos_hist.shape[0] != num_labels:
+        raise ValueError(f"state has {pos_hist.shape[0]} labels but {num_labels} label names")
+    thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (num_labels,)).copy()
+    tp, fp, fn = (np.asarray(state[k], np.float64) for k in ("tp", "fp", "fn"))
+    support = np.asarray(state["support"], np.float64)
+    n = float(state["num_examples"])
+
+    roc, ap = histogram_auc(pos_hist, neg_hist)
+    per_label = {
+        "roc_auc": roc,
+        "pr_auc": ap,
+        "precision": _divide(tp, tp + fp),
+        "recall": _divide(tp, tp + fn),
+        "f1": _divide(2 * tp, 2 * tp + fp + fn),
+        "support": support,
+        "pred_pos_rate": _divide(np.asarray(state["pred_pos"], np.float64), np.full(num_labels, n)),
+        "threshold": thresholds,
+    }
+    micro_roc, micro_ap = histogram_auc(pos_hist.sum(0), neg_hist.sum(0))
+    stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
+    agg: dict[str, float] = {}
+    for k in (1, 3, 5):
+        agg[f"precision@{k}"] = float(_divide(state[f"p_at_{k}"], n))
+        agg[f"ndcg@{k}"] = float(_divide(state[f"ndcg_at_{k}"], n))
+    agg.update(
+        micro_precision=float(_divide(stp, stp + sfp)),
+        micro_recall=float(_divide(stp, stp + sfn)),
+        micro_f1=float(_divide(2 * stp, 2 * stp + sfp + sfn)),
+        macro_f1=_nanmean(per_label["f1"]),
+        macro_precision=_nanmean(per_label["precision"]),
+        macro_recall=_nanmean(per_label["recall"]),
+        macro_roc_auc=_nanmean(roc),
+        macro_pr_auc=_nanmean(ap),
+        micro_roc_auc=float(micro_roc[0]),
+        micro_pr_auc=float(micro_ap[0]),
+        hamming_loss=float(_divide(sfp + sfn, n * num_labels)),
+        subset_accuracy=float(_divide(state["subset_correct"], n)),
+        lrap=float(_divide(state["lrap_sum"], state["lrap_count"])),
+        num_examples=n,
+        num_labels=float(num_labels),
+        num_labels_with_support=float(np.sum(support > 0)),
+    )
+    buckets = None
+    if train_label_counts is not None:
+        if len(train_label_counts) != num_labels:
+            raise ValueError(f"train_label_counts has {len(train_label_counts)} entries, expected {num_labels}")
+        buckets = assign_buckets(train_label_counts, bucket_edges)
+        for b in BUCKETS:
+            sel = buckets == b
+            agg[f"bucket/{b}/num_labels"] = float(sel.sum())
+            agg[f"bucket/{b}/macro_f1"] = _nanmean(per_label["f1"][sel])
+            agg[f"bucket/{b}/macro_roc_auc"] = _nanmean(roc[sel])
+            agg[f"bucket/{b}/macro_pr_auc"] = _nanmean(ap[sel])
+    return MetricsResult(agg, per_label, label_names, buckets, pos_hist, neg_hist)
+
+
+def tune_thresholds(state: Mapping[str, np.ndarray], min_positives: int = 5, default: float = 0.5) -> np.ndarray:
+    """Per-label F1-optimal decision thresholds from the validation histograms.
+
+    Candidates are the bin edges ``j/K`` for j = 0..K-1 (``prob >= j/K`` predicts the
+    bins ``>= j``).  When several edges reach the best F1 (empty bins make plateaus), the
+    middle of the first best run is taken -- the point farthest from both neighbouring
+    populations, which generalises better than the plateau's end.
+
+    Args:
+      state: accumulated state with ``pos_hist`` and ``neg_hist``.
+      min_positives: labels with fewer validation positives keep ``default`` (an F1
+        optimum over a handful of positives is noise).
+      default: threshold for those labels.
+
+    Returns:
+      float64 ``[L]`` thresholds.
+    """
+    pos_hist = np.asarray(state["pos_hist"], np.float64)
+    neg_hist = np.asarray(state["neg_hist"], np.float64)
+    num_bins = pos_hist.shape[1]
+    tp, fp = _cumulative_counts(pos_hist, neg_hist)
+    tp, fp = tp[:, 1:][:, ::-1], fp[:, 1:][:, ::-1]  # column j = threshold j/K, j=0..K-1
+    n_pos = pos_hist.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(tp > 0, 2 * tp / (tp + fp + n_pos), 0.0)
+    out = np.full(pos_hist.shape[0], float(default))
+    for i in np.flatnonzero(n_pos[:, 0] >= max(min_positives, 1)):
+        row = f1[i]
+        best = np.isclose(row, row.max(), rtol=1e-12, atol=0.0)
+        start = int(np.argmax(best))
+        stop = start + int(np.argmin(best[start:])) if not best[start:].all() else num_bins
+        out[i] = ((start + stop - 1) // 2) / num_bins
+    return out
+
+
+def save_thresholds(path: str | os.PathLike, thresholds, label_names: Sequence[str]) -> None:
+    """Writes ``{label_name: threshold}`` as JSON (label order kept).
+
+    Args:
+      path: output file.
+      thresholds: ``[L]`` thresholds.
+      label_names: ``L`` unique label names.
+    """
+    thresholds = np.asarray(thresholds, np.float64).reshape(-1)
+    names = [str(n) for n in label_names]
+    if len(names) != len(thresholds) or len(set(names)) != len(names):
+        raise ValueError(f"{path}: need one threshold per unique label name ({len(thresholds)} vs {len(names)} names)")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({n: float(t) for n, t in zip(names, thresholds)}, f, indent=1)
+
+
+def load_thresholds(path: str | os.PathLike, label_names: Sequence[str] | None = None) -> np.ndarray:
+    """Reads a thresholds file written by :func:`save_thresholds`.
+
+    Args:
+      path: JSON file ``{label_name: threshold}``.
+      label_names: if given, the result is ordered like it and the file must hold exactly
+        these labels; otherwise the file's order is used.
+
+    Returns:
+      float64 ``[L]`` thresholds.
+
+    Raises:
+      ValueError: naming the file, when it is not such a mapping, a value is not a number
+        in [0, 1], or its labels differ from ``label_names``.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{label_name: threshold}}")
+    for name, t in data.items():
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"{path}: threshold for label {name!r} must be a number in [0, 1], got {t!r}")
+    if label_names is None:
+        return np.array(list(data.values()), np.float64)
+    names = [str(n) for n in label_names]
+    missing = [n for n in names if n not in data]
+    extra = sorted(set(data) - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: thresholds do not match the model's labels: {len(missing)} missing "
+            f"(e.g. {missing[:5]}), {len(extra)} unknown (e.g. {extra[:5]})"
+        )
+    return np.array([data[n] for n in names], np.float64)
+
+
+def per_label_csv(result: MetricsResult, label_names: Sequence[str] | None, path: str | os.PathLike) -> None:
+    """Writes one CSV row per label: label, support, roc_auc, pr_auc, precision, recall,
+    f1, threshold (NaN written as empty cells so spreadsheets read them as missing).
+
+    Args:
+      result: output of :func:`compute_metrics`.
+      label_names: label names; None uses ``result.label_names``.
+      path: output file.
+    """
+    names = list(result.label_names if label_names is None else label_names)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(("label",) + _PER_LABEL_COLUMNS)
+        for i, name in enumerate(names):
+            vals = [result.per_label[c][i] for c in _PER_LABEL_COLUMNS]
+            w.writerow([name] + ["" if np.isnan(v) else f"{v:.6g}" for v in vals])
+
+
+def worst_labels(result: MetricsResult, k: int = 10) -> np.ndarray:
+    """Indices of the k labels with the lowest PR-AUC among labels with positives."""
+    ap = result.per_label["pr_auc"]
+    idx = np.flatnonzero(~np.isnan(ap))
+    return idx[np.argsort(ap[idx], kind="stable")][:k]
+
+
+def format_table(result: MetricsResult, k: int = 10) -> str:
+    """A short text report: aggregates, then the k worst labels by PR-AUC.
+
+    Args:
+      result: output of :func:`compute_metrics`.
+      k: number of worst labels listed.
+
+    Returns:
+      A multi-line string.
+    """
+    lines = ["metric                          value"]
+    for name in sorted(result.aggregates):
+        lines.append(f"{name:<30s}  {result.aggregates[name]:.4f}")
+    lines.append("")
+    lines.append(f"worst {k} labels by pr_auc")
+    header = f"{'label':<30s} {'support':>8s} {'pr_auc':>7s} {'roc_auc':>7s} {'f1':>7s} {'thresh':>7s}"
+    lines.append(header)
+    pl = result.per_label
+    for i in worst_labels(result, k):
+        name = result.label_names[i]
+        name = name if len(name) <= 30 else name[:27] + "..."
+        lines.append(
+            f"{name:<30s} {pl['support'][i]:>8.0f} {pl['pr_auc'][i]:>7.4f} {pl['roc_auc'][i]:>7.4f} "
+            f"{pl['f1'][i]:>7.4f} {pl['threshold'][i]:>7.3f}"
+        )
+    return "\n".join(lines)
