@@ -200,8 +200,7 @@ def test_train_horovod_script_runs_end_to_end(dataset, tmp_path):
     env = _env()
     env["HOROVODRUN"] = HOROVODRUN
     env["PATH"] = f"{HVD_ENV / 'bin'}:{env['PATH']}"
-    p = subprocess.run(["bash", str(script), "-np", "2", "-H", "localhost:2", "--", "--data", str(dataset),
-                        "--model-dir", str(tmp_path / "m"), "--config", "configs/horovod.yaml",
+    p = subprocess.run(["bash", str(script), "-np", "2", "-H", "localhost:2", str(dataset), str(tmp_path / "m"),
                         "--set", "model.hidden=[32]", "--set", "train.batch_size=64", "--max-steps", "6",
                         "--set", "train.precision=float32", "--set", "data.validation_fraction=0.0",
                         "--set", "data.eval_split=eval"],
