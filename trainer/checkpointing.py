@@ -80,13 +80,15 @@ class CheckpointKeeper:
         log.info("resumed from %s", path)
         return path
 
-    def due(self, step: int) -> bool:
-        """Whether a periodic save is due at ``step``."""
-        if step == self.last_step:
+    def steps_due(self, step: int) -> bool:
+        """Whether the step interval has passed at ``step`` (the same answer on every process)."""
+        if step == self.last_step or not self.every_steps:
             return False
-        by_steps = self.every_steps and step // self.every_steps > max(self.last_step, 0) // self.every_steps
-        by_time = self.every_seconds and time.monotonic() - self.last_time >= self.every_seconds
-        return bool(by_steps or by_time)
+        return step // self.every_steps > max(self.last_step, 0) // self.every_steps
+
+    def time_due(self) -> bool:
+        """Whether this process' timer is due; the loop shares the answer across processes before saving."""
+        return bool(self.every_seconds) and time.monotonic() - self.last_time >= self.every_seconds
 
     def save(self, step: int) -> str | None:
         """Saves now (every process must call it; only the chief's copy is kept). Returns the chief's path."""

@@ -16,12 +16,15 @@ import tensorflow as tf
 from trainer.backends import Backend
 
 # Order of the numbers a train call returns (one small vector: one all-reduce per step).
-TRAIN_STATS = ("loss_sum", "examples", "non_finite_steps", "stop_requests")
+TRAIN_STATS = ("loss_sum", "examples", "non_finite_steps", "stop_requests", "save_requests")
+# Requests a process makes at the start of a call; summed over processes, so every process acts on them
+# together (MultiWorkerMirroredStrategy needs every worker to take part in a save).
+REQUESTS = ("stop", "save")
 
 
 def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn,
                         global_batch_size: int, jit_compile: bool = False) -> Callable:
-    """Builds ``train(iterator, num_steps, stop_request) -> tf.Tensor[len(TRAIN_STATS)]``.
+    """Builds ``train(iterator, num_steps, requests) -> tf.Tensor[len(TRAIN_STATS)]``.
 
     Args:
       backend: the distribution backend.
@@ -33,7 +36,8 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
 
     Returns:
       A tf.function running ``num_steps`` steps and returning the global sums of TRAIN_STATS; the
-      ``stop_request`` float (1.0 after SIGTERM on any process) is summed too, so all stop together.
+      ``requests`` floats (REQUESTS: 1.0 after SIGTERM, 1.0 when this process' checkpoint timer is due)
+      are summed too, so all processes stop or save together.
     """
     trainable = model.trainable_variables
 
@@ -50,21 +54,21 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
     if jit_compile:
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(x, y, stop_request):
+    def replica_step(x, y, requests):
         grads, per_example, loss = forward_backward(x, y)
         grads = backend.sync_non_finite(backend.reduce_gradients(grads))
         optimizer.apply_gradients(zip(grads, trainable))
         return tf.stack([tf.reduce_sum(per_example), tf.cast(tf.shape(per_example)[0], tf.float32),
-                         tf.cast(~tf.math.is_finite(loss), tf.float32), stop_request])
+                         tf.cast(~tf.math.is_finite(loss), tf.float32), requests[0], requests[1]])
 
     @tf.function
-    def train(iterator, num_steps, stop_request):
+    def train(iterator, num_steps, requests):
         totals = tf.zeros([len(TRAIN_STATS)], tf.float32)
         for i in tf.range(num_steps):
             x, y = next(iterator)
-            # Only the first step of a call carries the stop request, so it is counted once.
-            request = tf.where(i == 0, stop_request, 0.0)
-            totals += backend.reduce_sum(backend.run(replica_step, (x, y, request)))
+            # Only the first step of a call carries the requests, so each is counted once.
+            step_requests = tf.where(i == 0, requests, tf.zeros_like(requests))
+            totals += backend.reduce_sum(backend.run(replica_step, (x, y, step_requests)))
         return totals
 
     return train

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 
 import keras
@@ -196,7 +197,8 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
             n = _steps_this_call(step, in_epoch, steps_per_epoch, total_steps, cfg)
             t0 = time.perf_counter()
             try:
-                stats = train_fn(iterator, tf.constant(n), tf.constant(1.0 if stop.requested else 0.0))
+                requests = tf.constant([float(stop.requested), float(keeper.time_due())])
+                stats = train_fn(iterator, tf.constant(n), requests)
                 stats = dict(zip(TRAIN_STATS, stats.numpy().tolist()))
             except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
                 raise reader.explain_data_error(data_dir, cfg.data.train_split, e) from None
@@ -205,6 +207,7 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
             epoch_var.assign(epoch)
             in_epoch_var.assign(in_epoch)
             window.add(stats, n, time.perf_counter() - t0)
+            _progress_bar(step, total_steps, stats, time.perf_counter() - t0, n)
             if stats["non_finite_steps"] > 0:
                 # The loss-scale optimizer skipped the non-finite update, so the weights are still the last
                 # good ones: save them, then stop.
@@ -216,7 +219,7 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
                 stopped_by_signal = True
             if step % cfg.train.log_every_steps < n or step == total_steps:
                 _log_progress(writers, window, step, total_steps, epoch, optimizer, policy)
-            if keeper.due(step) or stopped_by_signal:
+            if keeper.steps_due(step) or stats["save_requests"] > 0 or stopped_by_signal:
                 keeper.save(step)
             if evaluator and not stopped_by_signal and _eval_due(step, in_epoch, steps_per_epoch, total_steps, cfg):
                 result = evaluate_and_log(step)
@@ -282,6 +285,17 @@ def _eval_due(step, in_epoch, steps_per_epoch, total_steps, cfg) -> bool:
     return in_epoch == steps_per_epoch
 
 
+def _progress_bar(step: int, total: int, stats: dict, seconds: float, steps: int) -> None:
+    """A one-line progress bar, redrawn in place, on a terminal only (logs and pipes get the log lines)."""
+    if not sys.stderr.isatty():
+        return
+    done = int(30 * step / max(total, 1))
+    loss = stats["loss_sum"] / max(stats["examples"], 1.0)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.4f} "
+                     f"{stats['examples'] / max(seconds, 1e-9):,.0f} ex/s {1000 * seconds / steps:.1f} ms/step ")
+    sys.stderr.flush()
+
+
 class _Window:
     """Accumulates train statistics between two log lines."""
 
@@ -310,6 +324,8 @@ def _log_progress(writers, window, step, total_steps, epoch, optimizer, policy) 
     if policy == "mixed_float16":
         values["loss_scale"] = float(optimizer.dynamic_scale.numpy())
     writers.scalars("train", step, values)
+    if sys.stderr.isatty():
+        sys.stderr.write("\r")
     msg = (f"step {step}/{total_steps} epoch {epoch + 1} loss {loss:.5f} lr {lr:.3g} {ex_s:,.0f} ex/s "
            f"{step_ms:.1f} ms/step")
     log.info(msg)
