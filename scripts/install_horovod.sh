@@ -6,6 +6,8 @@
 # Usage: scripts/install_horovod.sh [ENV_DIR]        (default: .venv-horovod in the repo root)
 # Env:   PYTHON (interpreter to create the env from, default python3)
 #        HOROVOD_TF_VERSION (default 2.18.1; 2.19+ fails to compile, see README "Backends and TF versions")
+#        HOROVOD_CUDA (auto | 1 | 0: build for CUDA + NCCL; auto = when nvcc is present and nvidia-smi lists a
+#        GPU; set 1 where no GPU is visible at build time, e.g. in `docker build`)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +22,13 @@ command -v "$python" >/dev/null || die "no '$python' interpreter on PATH (set PY
 command -v cmake >/dev/null || die "cmake is missing: Horovod compiles from source (apt-get install cmake)"
 command -v g++ >/dev/null || die "g++ is missing: Horovod compiles from source (apt-get install g++)"
 
-if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+cuda="${HOROVOD_CUDA:-auto}"
+if [ "$cuda" = auto ]; then
+  cuda=0
+  if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then cuda=1; fi
+fi
+if [ "$cuda" = 1 ]; then
+  command -v nvcc >/dev/null || die "HOROVOD_CUDA=1 but nvcc is missing (use a CUDA devel image)"
   tf_pkg="tensorflow[and-cuda]==$tf_version"
   export HOROVOD_GPU_OPERATIONS=NCCL
   echo "install_horovod.sh: CUDA found: TensorFlow with CUDA, Horovod with NCCL"
