@@ -93,6 +93,8 @@ class Manifest:
             raise DataError(f"{path}: num_features and num_labels must be positive")
         if len(self.label_names) != self.num_labels:
             raise DataError(f"{path}: {len(self.label_names)} label names for {self.num_labels} labels")
+        if not self.splits:
+            raise DataError(f"{path}: the dataset has no splits")
         for name, info in self.splits.items():
             if len(info.shards) != len(info.shard_lengths):
                 raise DataError(f"{path}: split '{name}' lists {len(info.shards)} shards "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -77,6 +78,8 @@ def iter_split_records(data_dir: str, split: str, manifest: mf.Manifest):
                 n += 1
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
             reason = e.message.splitlines()[0] if e.message else type(e).__name__
+            # Keep TensorFlow's reason ("corrupted record at 500"), not its function and op decoration.
+            reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", reason) or type(e).__name__
             raise DataError(f"{path} record {n}: truncated or corrupted TFRecord ({reason})") from None
         if n != expected:
             raise DataError(f"{path}: {n} records but the manifest says {expected}")

@@ -1,0 +1,121 @@
+"""Converters from common multi-label file formats into dataset directories.
+
+One module per format (``arff``, ``libsvm``, ``csv``, ``npz``); each turns its input files into a
+``common.Source``. ``convert`` decides the split of each file, runs the first pass (counts and shape) and
+writes every split through one DatasetWriter, so a failure at any record leaves no dataset at ``--out``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+
+from data_pipeline import manifest as mf
+from data_pipeline.converters.common import read_label_names
+from data_pipeline.errors import DataError
+from data_pipeline.writer import DatasetWriter
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("arff", "libsvm", "csv", "npz")
+
+# Words in a file name that decide its split, checked in this order. "val" must be a whole word so that
+# e.g. "interval.csv" is not taken for an eval split.
+_SPLIT_PATTERNS = (
+    ("train", re.compile(r"train")),
+    ("test", re.compile(r"test")),
+    ("eval", re.compile(r"valid|eval|(?:^|[^a-z])val(?:[^a-z]|$)")),
+)
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def split_names(paths: list[str], given: list[str] | None = None) -> list[str]:
+    """Decides the split name of every input file.
+
+    Args:
+      paths: input files.
+      given: names from ``--splits`` (one per file), or None to derive them from the file names: a name
+        containing "train" is train, "test" is test, "val"/"valid"/"eval" is eval; a single file whose name
+        says nothing is train.
+
+    Returns:
+      One split name per path.
+
+    Raises:
+      DataError: wrong number of --splits, a name that is ambiguous or says nothing while there are several
+        files, or two files for one split.
+    """
+    if given is not None:
+        if len(given) != len(paths):
+            raise DataError(f"--splits: {len(given)} names for {len(paths)} --input files")
+        for name in given:
+            if not _SPLIT_NAME.match(name):
+                raise DataError(f"--splits: bad split name '{name}' (letters, digits and '_' only)")
+        names = list(given)
+    else:
+        names = []
+        for path in paths:
+            stem = os.path.splitext(os.path.basename(path))[0].lower()
+            found = [split for split, pattern in _SPLIT_PATTERNS if pattern.search(stem)]
+            if len(found) > 1:
+                raise DataError(f"{path}: file name matches splits {' and '.join(found)}; pass --splits")
+            if not found and len(paths) > 1:
+                raise DataError(f"{path}: cannot tell the split from the file name "
+                                "(expected train/test/val/eval in it); pass --splits")
+            names.append(found[0] if found else "train")
+    seen: dict[str, str] = {}
+    for path, name in zip(paths, names):
+        if name in seen:
+            raise DataError(f"{path}: split '{name}' already comes from {seen[name]}; pass --splits")
+        seen[name] = path
+    return names
+
+
+def convert(args) -> mf.Manifest:
+    """Converts the ``--input`` files of ``python -m data_pipeline convert`` into a dataset directory.
+
+    Args:
+      args: the parsed ``convert`` arguments (see data_pipeline.cli): format, input, splits, out, shards,
+        encoding, on_bad_features, overwrite and the format-specific options.
+
+    Returns:
+      The Manifest written.
+
+    Raises:
+      DataError: bad or missing input, naming the file (and line or record); nothing is left at --out.
+    """
+    if args.format not in FORMATS:
+        raise DataError(f"unknown format '{args.format}' (one of {', '.join(FORMATS)})")
+    paths = [str(p) for p in args.input]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such input file")
+    splits = split_names(paths, args.splits)
+    # Checked here as well as in DatasetWriter so that a long first pass is not wasted.
+    if os.path.exists(args.out) and not args.overwrite:
+        raise DataError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    names = read_label_names(args.label_names) if getattr(args, "label_names", None) else None
+
+    module = importlib.import_module(f"data_pipeline.converters.{args.format}")
+    source = module.open_source(paths, args, names)
+    if names is not None:
+        if len(names) != source.num_labels:
+            raise DataError(f"{args.label_names}: {len(names)} label names for {source.num_labels} labels")
+        source.label_names = names
+    for path in paths:
+        if source.counts[path] == 0:
+            raise DataError(f"{path}: no records")
+
+    encoding = {"dense": mf.DENSE, "sparse": mf.SPARSE, None: mf.SPARSE if source.sparse else mf.DENSE}[
+        args.encoding]
+    with DatasetWriter(args.out, source.num_features, source.num_labels, source.label_names, encoding,
+                       overwrite=args.overwrite, source=source.description or f"{args.format}: {paths}",
+                       on_bad_features=args.on_bad_features) as writer:
+        for split, path in zip(splits, paths):
+            log.info("converting %s (%d records) into split '%s'", path, source.counts[path], split)
+            writer.write_split(split, source.records(path, encoding), source.counts[path], args.shards)
+    if writer.num_skipped:
+        log.warning("skipped %d records with NaN/Inf features (--on-bad-features skip)", writer.num_skipped)
+    return writer.manifest
