@@ -156,7 +156,9 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
     files = split_files(data_dir, split, manifest)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
-    seed = None if not opts.deterministic and not opts.seed else opts.seed * 1000003 + epoch
+    # Always seeded, so a resumed run skips the batches of the same order (exactly so in deterministic mode;
+    # otherwise up to the parallel interleave's reordering).
+    seed = opts.seed * 1000003 + epoch
 
     ds = tf.data.Dataset.from_tensor_slices(files)
     shard_records = False
@@ -170,8 +172,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
     if opts.shuffle:
         # Sharding by record needs every pipeline to see the same record order before the shard, so the
         # file order then comes from a seed common to all pipelines, and the interleave is deterministic.
-        file_seed = opts.seed * 1000003 + epoch if shard_records else seed
-        ds = ds.shuffle(len(files), seed=file_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     compression = manifest.compression or None
     block = max(1, opts.block_length)
     # Each element from here to the rebatch is a block of `block` serialized records of one file.
@@ -272,4 +273,14 @@ def explain_data_error(data_dir: str, split: str, exc: BaseException) -> DataErr
     if located:
         return DataError(located)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return DataError(f"{data_dir} split '{split}': {message.strip().splitlines()[0]}")
+    return DataError(f"{data_dir} split '{split}': {_first_meaningful_line(message)}")
+
+
+def _first_meaningful_line(message: str) -> str:
+    """The cause in a TensorFlow error message. A tf.function error starts with "Graph execution error:" and
+    a "Detected at node ... defined at" traceback; the first line alone said nothing about the cause."""
+    for line in message.splitlines():
+        text = line.strip()
+        if text and not text.startswith(("Graph execution error", "Detected at node", "File ", "[[")):
+            return text
+    return message.strip().splitlines()[0] if message.strip() else message

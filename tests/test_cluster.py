@@ -75,7 +75,10 @@ def test_existing_tf_config_wins_and_plain_runs_are_untouched():
 
 
 def test_default_environ_is_os_environ(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    # setenv first so monkeypatch restores the original state (absent) afterwards: the builder sets
+    # TF_CONFIG in os.environ, which would otherwise leak into later in-process training tests.
+    monkeypatch.setenv("TF_CONFIG", "placeholder")
+    monkeypatch.delenv("TF_CONFIG")
     for key, value in dict(BASE_ENV, MLT_HOSTS="").items():
         monkeypatch.setenv(key, value)
     import os

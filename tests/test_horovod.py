@@ -176,7 +176,8 @@ def test_sigkill_then_resume(dataset, tmp_path):
     finally:
         _kill_tree(proc)
     first = int(re.search(r'model_checkpoint_path: "ckpt-(\d+)"', index.read_text()).group(1))
-    out = _run(_horovodrun(_train_cmd(dataset, model_dir, first + 10, "horovod")))
+    out = _run(_horovodrun(_train_cmd(dataset, model_dir, first + 10, "horovod")
+                           + ["--set", "train.epochs=1000", "--set", "data.eval_split="]))
     assert re.search(r"resuming at step (\d+)", out), out[-3000:]
     resumed_at = int(re.search(r"resuming at step (\d+)", out).group(1))
     assert resumed_at == first

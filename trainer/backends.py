@@ -103,7 +103,11 @@ class StrategyBackend(Backend):
         return self.strategy.run(fn, args=args)
 
     def reduce_sum(self, value):
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+        # One reduce per tensor: MultiWorkerMirroredStrategy.reduce does not take a nest (a dict of metric
+        # state failed with "Expected any non-tensor type, but got a tensor instead" in multi-worker
+        # evaluation); Mirrored and OneDevice accept either.
+        return tf.nest.map_structure(
+            lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), value)
 
     def sync_non_finite(self, grads):
         if self.num_replicas == 1:
@@ -205,6 +209,22 @@ def resolve_distribution(name: str) -> str:
     return "one_device"
 
 
+_MIRRORED: dict[tuple[str, ...], tf.distribute.MirroredStrategy] = {}
+
+
+def _mirrored_strategy(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy per device list and process.
+
+    Every new MirroredStrategy numbers its collective ops from the same start, so a second train() in one
+    process (a notebook, the tests) ran its all-reduces under the keys of the first run's and failed with
+    "Shape mismatch in the collective instance 101" when the models differed. Reusing the strategy keeps
+    the numbering going.
+    """
+    if devices not in _MIRRORED:
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _MIRRORED[devices]
+
+
 def make_backend(name: str, fp16_compression: bool = False) -> Backend:
     """Creates the backend for a distribution name (``auto`` resolved first).
 
@@ -230,7 +250,7 @@ def make_backend(name: str, fp16_compression: bool = False) -> Backend:
         if len(devices) < 2:
             raise ValueError("train.distribution=mirrored: needs at least 2 devices, found "
                              f"{len(devices)} (no GPUs; set MLT_LOGICAL_CPUS=2 to try it on a CPU)")
-        return StrategyBackend(name, tf.distribute.MirroredStrategy(devices))
+        return StrategyBackend(name, _mirrored_strategy(tuple(devices)))
     if name == "one_device":
         return StrategyBackend(name, tf.distribute.OneDeviceStrategy(devices[0]))
     raise ValueError(f"train.distribution: unknown '{name}'")

@@ -28,13 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--distribution", default=None, help="auto|one_device|mirrored|multi_worker|horovod")
     t.add_argument("--precision", default=None, help="auto|float32|mixed_float16|mixed_bfloat16")
 
-    e = sub.add_parser("evaluate", help="evaluate the latest checkpoint (or the export) on a dataset")
+    e = sub.add_parser("evaluate", help="evaluate a model directory on a dataset (its export once training "
+                                        "finished, else its latest checkpoint)")
     e.add_argument("--model-dir", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--split", default=None, help="split to evaluate (default: test, else eval, else train)")
     e.add_argument("--out", default=None, help="metrics JSON (default: <model-dir>/metrics-<split>.json); "
                                                 "the per-label CSV goes beside it")
-    e.add_argument("--source", choices=["auto", "checkpoint", "export"], default="auto")
+    e.add_argument("--source", choices=["auto", "checkpoint", "export"], default="auto",
+                   help="auto: the export if it is newer than the latest checkpoint (with early stopping it holds "
+                        "the best evaluation's weights), else the checkpoint")
     e.add_argument("--batch-size", type=int, default=1024)
 
     r = sub.add_parser("predict", help="per-label probabilities, top-k labels and thresholded label sets")

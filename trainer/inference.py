@@ -30,7 +30,9 @@ def load_predictor(model_dir: str, source: str = "auto"):
 
     Args:
       model_dir: the training run's model directory.
-      source: "checkpoint", "export" or "auto" (checkpoint if there is one, else the export).
+      source: "checkpoint", "export" or "auto": the export when training finished after the latest
+        checkpoint was written (it holds the weights training kept: with early stopping the best evaluation's,
+        not the last step's, and the thresholds tuned for them), else the latest checkpoint.
 
     Returns:
       (predict_fn [N, F] -> [N, L] probabilities, label_names, thresholds, info dict from run_info.json).
@@ -43,7 +45,7 @@ def load_predictor(model_dir: str, source: str = "auto"):
     export_dir = os.path.join(model_dir, "export")
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     if source == "auto":
-        source = "checkpoint" if latest else "export"
+        source = "export" if _export_is_current(export_dir, latest) else "checkpoint" if latest else "export"
     if source == "export":
         if not os.path.exists(os.path.join(export_dir, export.SAVED_MODEL)):
             raise FileNotFoundError(f"{export_dir}: no exported model (training did not finish?)")
@@ -63,6 +65,17 @@ def load_predictor(model_dir: str, source: str = "auto"):
     predict = tf.function(lambda x: tf.sigmoid(tf.cast(model(x, training=False), tf.float32)))
     log.info("loaded %s", latest)
     return (lambda x: predict(tf.convert_to_tensor(x, tf.float32)).numpy()), names, thresholds, info
+
+
+def _export_is_current(export_dir: str, latest_checkpoint: str | None) -> bool:
+    """Whether the export exists and was written after the latest checkpoint (the run finished)."""
+    saved = os.path.join(export_dir, export.SAVED_MODEL)
+    if not os.path.exists(saved):
+        return False
+    if latest_checkpoint is None:
+        return True
+    index = latest_checkpoint + ".index"
+    return not os.path.exists(index) or os.path.getmtime(saved) >= os.path.getmtime(index)
 
 
 def default_split(data_dir: str, split: str | None) -> str:
@@ -91,9 +104,15 @@ def _check_shape(data_dir: str, info: dict) -> None:
 
 
 def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str | None, source: str,
-                     batch_size: int, num_bins: int = 200) -> compute.MetricsResult:
-    """Evaluates a model directory on a dataset split; writes metrics JSON and per-label CSV, prints a table."""
+                     batch_size: int, num_bins: int | None = None) -> compute.MetricsResult:
+    """Evaluates a model directory on a dataset split; writes metrics JSON and per-label CSV, prints a table.
+
+    ``num_bins`` defaults to the run's metrics.num_bins: the histogram resolution changes the AUCs a little,
+    and ``evaluate`` must give the numbers training reported for the same model and data.
+    """
     predict, names, thresholds, info = load_predictor(model_dir, source)
+    if num_bins is None:
+        num_bins = config_lib.load_config(os.path.join(model_dir, "config.yaml")).metrics.num_bins
     _check_shape(data_dir, info)
     split = default_split(data_dir, split)
     update = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins))

@@ -106,7 +106,6 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     if cfg.train.deterministic:
         keras.utils.set_random_seed(cfg.train.seed)
         tf.config.experimental.enable_op_determinism()
-    os.makedirs(model_dir, exist_ok=True)
 
     # --- Data --------------------------------------------------------------------------------------------
     manifest = mf.read_manifest(data_dir)
@@ -115,18 +114,18 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     if global_batch % backend.num_replicas:
         raise config_lib.ConfigError(f"train.batch_size: {global_batch} is not divisible by the "
                                      f"{backend.num_replicas} replicas")
-    per_replica_batch = global_batch // backend.num_replicas
     train_examples = int(train_info.num_examples * (1.0 - cfg.data.validation_fraction))
     steps_per_epoch = max(1, train_examples // global_batch)
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
+    os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
 
-    def reader_options(epoch_seed: int) -> reader.ReaderOptions:
+    def reader_options() -> reader.ReaderOptions:
         return reader.ReaderOptions(
             shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
-            deterministic=cfg.train.deterministic, seed=cfg.train.seed + epoch_seed, cache=cfg.data.cache,
+            deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache,
             drop_remainder=True, cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
             on_bad_features=cfg.data.on_bad_features,
             holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
@@ -157,6 +156,7 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     backend.broadcast_initial_state(list(model.variables) + list(optimizer.variables)
                                     + [step_var, epoch_var, in_epoch_var])
     step = int(step_var.numpy())
+    keeper.last_step = step  # The checkpoint just restored needs no second copy at the first step.
     if backend.is_chief:
         config_lib.save_config(cfg, os.path.join(model_dir, "config.yaml"))
         _write_run_info(model_dir, manifest, cfg, data_dir)
@@ -190,7 +190,7 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
 
         def dataset_fn(ctx, epoch=epoch, skip=skip):
             return reader.make_dataset(data_dir, cfg.data.train_split, ctx.get_per_replica_batch_size(global_batch),
-                                       ctx, reader_options(epoch), epoch=epoch, skip_batches=skip)
+                                       ctx, reader_options(), epoch=epoch, skip_batches=skip)
 
         iterator = iter(backend.distribute_dataset(dataset_fn))
         while in_epoch < steps_per_epoch and step < total_steps:
