@@ -9,8 +9,7 @@
 # Trainer args are passed to `python -m trainer train`; --config defaults to configs/horovod.yaml.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_common.sh"
 
 np="" hosts=()
 while [ $# -gt 0 ]; do
@@ -39,14 +38,9 @@ if [ -z "$np" ]; then
 fi
 [[ "$np" =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
 [ ${#hosts[@]} -gt 0 ] || hosts=(-H "localhost:$np")
-case "$data" in
-  *://*) ;;
-  *) [ -f "$data/manifest.json" ] || die "no data at $data (no manifest.json): run python -m data_pipeline generate --out $data --examples 4000 --features 64 --labels 16 --shards 4 --seed 0 --split-eval 0.2" ;;
-esac
-config=(--config "$repo/configs/horovod.yaml")
-for arg in "$@"; do case "$arg" in --config|--config=*) config=() ;; esac; done
+check_data "$data"
+default_config configs/horovod.yaml "$@"
 
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 cmd=("$horovodrun" --gloo -np "$np" "${hosts[@]}"
      "$python" -m trainer train --data "$data" --model-dir "$model_dir" --distribution horovod "${config[@]}" "$@")
 printf '+'; printf ' %q' "${cmd[@]}"; echo

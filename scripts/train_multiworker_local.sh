@@ -10,21 +10,14 @@
 # Exit status: 0 when every worker exits 0; otherwise the others are stopped and it is 1.
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_common.sh"
 [ $# -ge 3 ] || die "usage: $0 NUM_WORKERS DATA_DIR MODEL_DIR [TRAINER ARGS...]"
 workers="$1" data="$2" model_dir="$3"; shift 3
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "NUM_WORKERS must be a positive integer, got '$workers'"
 
-python="${PYTHON:-}"
-[ -n "$python" ] || { [ -x "$repo/.venv/bin/python" ] && python="$repo/.venv/bin/python" || python=python3; }
-case "$data" in
-  *://*) ;;
-  *) [ -f "$data/manifest.json" ] || die "no data at $data (no manifest.json): run python -m data_pipeline generate --out $data --examples 4000 --features 64 --labels 16 --shards 4 --seed 0 --split-eval 0.2" ;;
-esac
-config=(--config "$repo/configs/default.yaml")
-for arg in "$@"; do case "$arg" in --config|--config=*) config=() ;; esac; done
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+pick_python
+check_data "$data"
+default_config configs/default.yaml "$@"
 
 # Free ports: bind to port 0 and read back what the kernel chose. They are released before
 # the workers bind them, so another process could take one in between (rare; just rerun).
