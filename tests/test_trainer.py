@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import read_checkpoint, train_in_process
+from conftest import assert_same_state, read_checkpoint, train_in_process
 from data_pipeline import manifest as mf
 from data_pipeline.writer import DatasetWriter
 from trainer import cli, export, inference
@@ -322,3 +322,18 @@ def test_step_error_on_valid_data_names_its_cause(tiny_data):
     error = reader.explain_data_error(tiny_data, "train", tf.errors.InvalidArgumentError(None, None, message))
     assert str(error) == f"{tiny_data} split 'train': Collective ops is aborted by: Shape mismatch in the " \
                          "collective instance 101."
+
+
+# --- XLA --------------------------------------------------------------------------------------------------
+
+def test_jit_compile_gives_the_same_training_as_without(tiny_data, tmp_path):
+    """train.jit_compile=true compiles forward and backward with XLA; the result must match the plain run."""
+    states = {}
+    for jit in (False, True):
+        cfg = load_config(None, [f"train.jit_compile={str(jit).lower()}", "train.distribution=one_device",
+                                 "model.hidden=[16]", "train.batch_size=32", "train.max_steps=8",
+                                 "train.deterministic=true", "data.eval_split=''", "checkpoint.every_seconds=0"])
+        result, _ = train_in_process(cfg, tiny_data, tmp_path / f"jit-{jit}")
+        assert result.step == 8
+        states[jit] = read_checkpoint(tmp_path / f"jit-{jit}")
+    assert_same_state(states[False], states[True], rtol=1e-4, atol=1e-5)
