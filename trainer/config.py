@@ -29,6 +29,7 @@ class ModelConfig:
     input_dropout: float = 0.0  # on the features (helps sparse bag-of-words inputs)
     l2: float = 0.0  # L2 penalty on kernels (prefer optimizer.weight_decay with adamw)
     input_transform: str = "none"  # none | log1p | l2_normalize | log1p_l2 (bag-of-words: TF-IDF-like)
+    output_bias: str = "prior"  # initial output biases: prior (log-odds of each label's training frequency) | zeros
 
 
 @dataclasses.dataclass
@@ -126,6 +127,7 @@ class Config:
 _CHOICES = {
     "model.activation": {"relu", "gelu", "swish", "tanh"},
     "model.input_transform": {"none", "log1p", "l2_normalize", "log1p_l2"},
+    "model.output_bias": {"prior", "zeros"},
     "data.on_bad_features": {"fail", "skip"},
     "optimizer.name": {"adam", "adamw"},
     "optimizer.lr_scaling": {"linear", "sqrt", "none"},

