@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     times = {}
     times["convert_s"] = sh([args.python, "-m", "data_pipeline", "convert", "--format", "arff", "--input",
-                             os.path.join(src, f"{args.dataset}-train.arff"), os.path.join(src, f"{args.dataset}-test.arff"),
+                             os.path.join(src, f"{args.dataset}-train.arff"),
+                             os.path.join(src, f"{args.dataset}-test.arff"),
                              "--labels-xml", os.path.join(src, f"{args.dataset}.xml"), "--out", data, "--overwrite"],
                             os.path.join(work, "convert.log"))
     subprocess.run(["rm", "-rf", model], check=True)

@@ -57,7 +57,8 @@ def one_run(args, per_label: bool) -> dict:
         f"train.max_steps={args.steps}", "train.epochs=1000", f"train.eval_every_steps={args.eval_every}",
         "train.early_stopping_patience=0", "train.precision=float32", "train.distribution=one_device",
         f"train.log_every_steps={args.eval_every}", "data.validation_fraction=0.0", "data.eval_split=eval",
-        "checkpoint.every_steps=0", "checkpoint.every_seconds=0", f"metrics.per_label_summaries={str(per_label).lower()}"])
+        "checkpoint.every_steps=0", "checkpoint.every_seconds=0",
+        f"metrics.per_label_summaries={str(per_label).lower()}"])
     with tempfile.TemporaryDirectory(prefix="mlt-summaries-") as model_dir:
         t = time.perf_counter()
         result = train(cfg, args.data_dir, model_dir)
