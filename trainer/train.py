@@ -122,13 +122,13 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
 
-    def reader_options() -> reader.ReaderOptions:
-        return reader.ReaderOptions(
-            shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
-            deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache,
-            drop_remainder=True, cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
-            on_bad_features=cfg.data.on_bad_features,
-            holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
+    # The same options every epoch: the epoch number enters make_dataset's shuffle seed separately.
+    train_options = reader.ReaderOptions(
+        shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
+        deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache,
+        drop_remainder=True, cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
+        on_bad_features=cfg.data.on_bad_features,
+        holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
 
     # --- Model, loss, optimizer ----------------------------------------------------------------------------
     with backend.scope():
@@ -193,7 +193,7 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
 
         def dataset_fn(ctx, epoch=epoch, skip=skip):
             return reader.make_dataset(data_dir, cfg.data.train_split, ctx.get_per_replica_batch_size(global_batch),
-                                       ctx, reader_options(), epoch=epoch, skip_batches=skip)
+                                       ctx, train_options, epoch=epoch, skip_batches=skip)
 
         iterator = iter(backend.distribute_dataset(dataset_fn))
         while in_epoch < steps_per_epoch and step < total_steps:
