@@ -29,6 +29,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.common import write_json  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("precision@1", "precision@3", "precision@5", "micro_f1", "macro_f1", "macro_pr_auc")
 
@@ -126,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["mean"] = mean
         print(f"{name:<28} " + "  ".join(f"{k.replace('precision', 'P')} {mean[k]:.4f}±{spread[k]:.3f}" for k in KEYS)
               + f"  {mean['train_seconds']:.0f} s  [{'; '.join(overrides)}]", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return 0
 
 

@@ -46,13 +46,10 @@ def check_record(raw: bytes, manifest: mf.Manifest) -> tuple[np.ndarray, int]:
     if labels.size and (labels.min() < 0 or labels.max() >= manifest.num_labels):
         bad = labels[(labels < 0) | (labels >= manifest.num_labels)][0]
         raise ValueError(f"label index {bad} out of range [0, {manifest.num_labels})")
-    if manifest.feature_encoding == mf.DENSE:
-        if mf.KEY_DENSE not in feats or len(feats[mf.KEY_DENSE].bytes_list.value) != 1:
-            raise ValueError(f"no '{mf.KEY_DENSE}' (dense features) bytes feature")
-        raw_x = feats[mf.KEY_DENSE].bytes_list.value[0]
-        if len(raw_x) != 4 * manifest.num_features:
-            raise ValueError(f"{len(raw_x) // 4} features, expected {manifest.num_features}")
-        x = np.frombuffer(raw_x, "<f4")
+    if manifest.feature_encoding in mf.DENSE_ENCODINGS:
+        x = dense_features_of(ex, manifest.feature_encoding)
+        if x.size != manifest.num_features:
+            raise ValueError(f"{x.size} features, expected {manifest.num_features}")
     else:
         idx = np.asarray(feats[mf.KEY_SPARSE_INDEX].int64_list.value, np.int64)
         x = np.asarray(feats[mf.KEY_SPARSE_VALUE].float_list.value, np.float32)
@@ -61,6 +58,25 @@ def check_record(raw: bytes, manifest: mf.Manifest) -> tuple[np.ndarray, int]:
         if idx.size and (idx.min() < 0 or idx.max() >= manifest.num_features):
             raise ValueError(f"feature index out of range [0, {manifest.num_features})")
     return labels, int(not np.all(np.isfinite(x)))
+
+
+def dense_features_of(example: tf.train.Example, encoding: str) -> np.ndarray:
+    """The dense feature vector of a parsed record in ``encoding`` (mf.DENSE or mf.DENSE_BYTES).
+
+    Raises:
+      ValueError: the record has no dense feature of that encoding.
+    """
+    feats = example.features.feature
+    if encoding == mf.DENSE_BYTES:
+        if mf.KEY_DENSE not in feats or len(feats[mf.KEY_DENSE].bytes_list.value) != 1:
+            raise ValueError(f"no '{mf.KEY_DENSE}' (dense features) bytes feature")
+        raw_x = feats[mf.KEY_DENSE].bytes_list.value[0]
+        if len(raw_x) % 4:
+            raise ValueError(f"'{mf.KEY_DENSE}' holds {len(raw_x)} bytes, not a whole number of float32s")
+        return np.frombuffer(raw_x, "<f4")
+    if mf.KEY_DENSE not in feats or feats[mf.KEY_DENSE].WhichOneof("kind") != "float_list":
+        raise ValueError(f"no '{mf.KEY_DENSE}' (dense features) float list feature")
+    return np.asarray(feats[mf.KEY_DENSE].float_list.value, np.float32)
 
 
 def iter_split_records(data_dir: str, split: str, manifest: mf.Manifest):

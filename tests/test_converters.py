@@ -43,7 +43,7 @@ def decode_records(data_dir, split):
             if m.feature_encoding == mf.SPARSE:
                 feats = dict(zip(f[mf.KEY_SPARSE_INDEX].int64_list.value, f[mf.KEY_SPARSE_VALUE].float_list.value))
             else:
-                feats = np.frombuffer(f[mf.KEY_DENSE].bytes_list.value[0], "<f4")
+                feats = np.asarray(f[mf.KEY_DENSE].float_list.value, np.float32)
             out.append((feats, list(f[mf.KEY_LABELS].int64_list.value)))
     return out
 

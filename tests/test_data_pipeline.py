@@ -74,7 +74,7 @@ def decode_shards(data_dir, split):
     for shard in m.splits[split].shards:
         for raw in tf.data.TFRecordDataset(os.path.join(data_dir, shard)).as_numpy_iterator():
             feats = tf.train.Example.FromString(raw).features.feature
-            x = np.frombuffer(feats[mf.KEY_DENSE].bytes_list.value[0], "<f4")
+            x = np.asarray(feats[mf.KEY_DENSE].float_list.value, np.float32)
             out.append((shard, x, list(feats[mf.KEY_LABELS].int64_list.value)))
     return out
 
@@ -234,3 +234,52 @@ def test_on_bad_features_skip_drops_and_counts_non_finite_rows(tmp_path):
     np.testing.assert_array_equal(np.concatenate(batches), x[keep])
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN/Inf"):
         list(make_dataset(str(d), "train", 32, options=ReaderOptions(**ORDERED)))
+
+
+def _write_by_hand(d, x, labels, encoding):
+    """One shard of records encoded by ``encode_example`` plus a matching manifest."""
+    os.makedirs(d)
+    with tf.io.TFRecordWriter(os.path.join(d, mf.shard_name("train", 0, 1))) as f:
+        for row, lab in zip(x, labels):
+            f.write(encode_example(row, lab, encoding))
+    counts = np.zeros(4, np.int64)
+    for lab in labels:
+        counts[np.unique(np.asarray(lab, np.int64))] += 1
+    mf.write_manifest(d, mf.Manifest(x.shape[1], 4, ["a", "b", "c", "d"], encoding,
+                                     {"train": mf.SplitInfo([mf.shard_name("train", 0, 1)], [len(x)],
+                                                            counts.tolist())}))
+
+
+def test_float_list_and_older_bytes_encoding_read_back_the_same(tmp_path, capsys):
+    """Datasets written before the float-list encoding (one bytes value per record) still read and inspect;
+    labels with duplicates or none at all become the same multi-hot rows in both."""
+    x = np.random.default_rng(2).normal(size=(50, 6)).astype(np.float32)
+    labels = [[], [3, 3], [0, 1, 2, 3], [2, 0, 2]] + [[i % 4] for i in range(46)]
+    expected_y = np.zeros((50, 4), np.float32)
+    for i, lab in enumerate(labels):
+        expected_y[i, lab] = 1.0
+    for encoding in (mf.DENSE, mf.DENSE_BYTES):
+        d = str(tmp_path / encoding)
+        _write_by_hand(d, x, labels, encoding)
+        assert cli.main(["inspect", d]) == 0
+        assert encoding in capsys.readouterr().out
+        xr, yr = read_all(d, "train", batch_size=16)
+        np.testing.assert_array_equal(xr, x)
+        np.testing.assert_array_equal(yr, expected_y)
+    feature = tf.train.Example.FromString(encode_example(x[0], [1], mf.DENSE)).features.feature[mf.KEY_DENSE]
+    np.testing.assert_array_equal(np.asarray(feature.float_list.value, np.float32), x[0])
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, -2.0, 0.0], True),
+    ([3e38, 3e38, 3e38, -1.0], True),  # the sum overflows to Inf; every value is finite
+    ([1.0, np.nan, 2.0], False),
+    ([np.inf, 1.0], False),
+    ([np.inf, -np.inf], False),  # sum NaN
+    ([-3e38, -3e38, np.nan], False),
+])
+def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite):
+    from data_pipeline.reader import all_finite
+
+    assert bool(all_finite(tf.constant([values], tf.float32))) is finite
+    assert bool(tf.function(all_finite)(tf.constant([values], tf.float32))) is finite

@@ -39,7 +39,7 @@ def decode_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     for shard in m.split(split, data_dir).shards:
         for raw in tf.data.TFRecordDataset(os.path.join(data_dir, shard)).as_numpy_iterator():
             feats = tf.train.Example.FromString(raw).features.feature
-            xs.append(np.frombuffer(feats[mf.KEY_DENSE].bytes_list.value[0], "<f4"))
+            xs.append(np.asarray(feats[mf.KEY_DENSE].float_list.value, np.float32))
             y = np.zeros(m.num_labels, np.float32)
             y[list(feats[mf.KEY_LABELS].int64_list.value)] = 1.0
             ys.append(y)

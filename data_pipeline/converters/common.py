@@ -82,7 +82,7 @@ def dense_features(values, encoding: str):
     NaN counts as non-zero, so a record with NaN features still reaches the writer's NaN/Inf check.
     """
     values = np.asarray(values, np.float32).reshape(-1)
-    if encoding == mf.DENSE:
+    if encoding in mf.DENSE_ENCODINGS:
         return values
     idx = np.flatnonzero(values != 0)
     return idx, values[idx]

@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts: the generated benchmark dataset and the JSON result file."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from data_pipeline import manifest as mf
+from data_pipeline.generate import generate
+
+
+def ensure_dataset(data_dir: str, examples: int, features: int, labels: int, shards: int,
+                   split_eval: float = 0.0) -> mf.Manifest:
+    """Generates the synthetic benchmark dataset unless ``data_dir`` already holds one of this shape.
+
+    Args:
+      data_dir: where the dataset is (or goes).
+      examples, features, labels, shards: its shape (``examples`` counts every split).
+      split_eval: fraction of the examples written to an "eval" split (0: train only).
+
+    A dataset of the right shape but another feature encoding (written by an earlier version) is
+    regenerated, so every pipeline measures the records the current writer produces.
+
+    Returns:
+      The dataset's manifest.
+    """
+    try:
+        m = mf.read_manifest(data_dir)
+        shape = (m.num_features, m.num_labels, sum(s.num_examples for s in m.splits.values()),
+                 len(m.splits["train"].shards), m.feature_encoding, "eval" in m.splits)
+        if shape == (features, labels, examples, shards, mf.DENSE, split_eval > 0):
+            print(f"reusing {data_dir}")
+            return m
+    except Exception:  # noqa: BLE001 - anything unusable is regenerated.
+        pass
+    print(f"generating {examples} x {features} features x {labels} labels ({shards} shards) into {data_dir} ...",
+          flush=True)
+    t = time.perf_counter()
+    m = generate(data_dir, examples, features, labels, shards, seed=0, split_eval=split_eval, overwrite=True)
+    print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
+    return m
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Writes ``result`` to ``path`` (nothing when path is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
