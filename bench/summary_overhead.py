@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import logging
 import os
 import statistics
@@ -28,32 +27,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from data_pipeline import manifest as mf  # noqa: E402
-from data_pipeline.generate import generate  # noqa: E402
+from bench.common import ensure_dataset, write_json  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer.train import train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ensure_dataset(data_dir: str, examples: int, features: int, labels: int, split_eval: float) -> None:
-    """Generates the dataset (train + eval split) unless ``data_dir`` already holds one of this shape."""
-    try:
-        m = mf.read_manifest(data_dir)
-        if (m.num_features, m.num_labels, sum(s.num_examples for s in m.splits.values()), "eval" in m.splits) == (
-                features, labels, examples, True):
-            print(f"reusing {data_dir}")
-            return
-    except Exception:  # noqa: BLE001 - anything unusable is regenerated.
-        pass
-    print(f"generating {examples} x {features} features x {labels} labels into {data_dir} ...", flush=True)
-    generate(data_dir, examples, features, labels, 8, seed=0, split_eval=split_eval, overwrite=True)
-
-
 def one_run(args, per_label: bool) -> dict:
     """One complete training run; returns its wall-clock examples/s."""
     cfg = config_lib.load_config(os.path.join(REPO, "configs", "default.yaml"), [
-        f"model.hidden={args.hidden}", "model.dropout=0.0", f"train.batch_size={args.batch_size}",
+        f"model.hidden={args.hidden}", "model.dropout=0.0", "model.ensemble=1",
+        f"train.batch_size={args.batch_size}",
         f"train.max_steps={args.steps}", "train.epochs=1000", f"train.eval_every_steps={args.eval_every}",
         "train.early_stopping_patience=0", "train.precision=float32", "train.distribution=one_device",
         f"train.log_every_steps={args.eval_every}", "data.validation_fraction=0.0", "data.eval_split=eval",
@@ -87,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2:
         p.error("--rounds must be at least 2")
     logging.basicConfig(level=logging.WARNING)
-    ensure_dataset(args.data_dir, args.examples, args.features, args.labels, args.split_eval)
+    ensure_dataset(args.data_dir, args.examples, args.features, args.labels, 8, args.split_eval)
     print(f"{args.labels} labels, hidden {args.hidden}, batch {args.batch_size}, {args.steps} steps, evaluation "
           f"every {args.eval_every} steps; load average {os.getloadavg()[0]:.1f}", flush=True)
     one_run(args, False)  # Untimed: first-use costs of the process (imports, thread pools, file cache).
@@ -106,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
            "slowdown": 1 - on / off, "runs": runs}
     print(f"per-label summaries off: {off:,.0f} ex/s; on: {on:,.0f} ex/s; on/off {on / off:.3f} "
           f"(slowdown {100 * (1 - on / off):.1f} %, target <= 10 %)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
     return 0
 
 

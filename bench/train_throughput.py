@@ -35,7 +35,6 @@ all three measurements use the resolved policy (the Keras baseline's output laye
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -49,12 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench.common import ensure_dataset, write_json  # noqa: E402
 from data_pipeline import manifest as mf  # noqa: E402
 from data_pipeline import reader  # noqa: E402
-from data_pipeline.generate import generate  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 from trainer import precision as precision_lib  # noqa: E402
 from trainer.backends import make_backend  # noqa: E402
@@ -65,25 +63,6 @@ from trainer.train import train as trainer_train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROGRESS = re.compile(r"^step (\d+)/(\d+) ")
-
-
-def ensure_dataset(data_dir: str, examples: int, features: int, labels: int, shards: int) -> mf.Manifest:
-    """Generates the benchmark dataset unless ``data_dir`` already holds one of this shape."""
-    try:
-        m = mf.read_manifest(data_dir)
-        train = m.splits["train"]
-        if (m.num_features, m.num_labels, train.num_examples, len(train.shards)) == (
-                features, labels, examples, shards):
-            print(f"reusing {data_dir}")
-            return m
-    except Exception:  # noqa: BLE001 - anything unusable is regenerated.
-        pass
-    print(f"generating {examples} x {features} features x {labels} labels ({shards} shards) into {data_dir} ...",
-          flush=True)
-    t = time.perf_counter()
-    m = generate(data_dir, examples, features, labels, shards, seed=0, overwrite=True)
-    print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
-    return m
 
 
 def device_name() -> str:
@@ -103,12 +82,14 @@ def device_name() -> str:
 
 def bench_config(args, precision: str, distribution: str, batch_size: int, max_steps: int) -> config_lib.Config:
     """configs/default.yaml with the benchmark's batch, precision and distribution; no evaluation, no
-    periodic checkpoints, progress logged every ``--warmup-steps`` steps (the timing marks)."""
+    periodic checkpoints, progress logged every ``--warmup-steps`` steps (the timing marks). One MLP
+    (``model.ensemble=1``): the 2048-2048-L network the Keras baseline also trains; an ensemble of K costs
+    K times the compute of one member (``--set model.ensemble=K`` measures it)."""
     return config_lib.load_config(args.config, [
         f"train.batch_size={batch_size}", f"train.precision={precision}", f"train.distribution={distribution}",
         f"train.max_steps={max_steps}", "train.epochs=1000", "train.early_stopping_patience=0",
         f"train.log_every_steps={args.log_every}", "data.validation_fraction=0.0", "data.eval_split=''",
-        "checkpoint.every_steps=0", "checkpoint.every_seconds=0", *args.set])
+        "checkpoint.every_steps=0", "checkpoint.every_seconds=0", "model.ensemble=1", *args.set])
 
 
 def run_in_memory(args, cfg: config_lib.Config, manifest: mf.Manifest, precision: str) -> dict:
@@ -170,11 +151,12 @@ def run_trainer(args, precision: str, distribution: str, batch_size: int) -> dic
 
 def keras_dataset(files: list[str], batch_size: int, num_features: int, num_labels: int) -> tf.data.Dataset:
     """(c)'s input: the straightforward per-example pipeline over the same files."""
-    spec = {mf.KEY_DENSE: tf.io.FixedLenFeature([], tf.string), mf.KEY_LABELS: tf.io.VarLenFeature(tf.int64)}
+    spec = {mf.KEY_DENSE: tf.io.FixedLenFeature([num_features], tf.float32),
+            mf.KEY_LABELS: tf.io.VarLenFeature(tf.int64)}
 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
-        x = tf.reshape(tf.io.decode_raw(ex[mf.KEY_DENSE], tf.float32), [num_features])
+        x = ex[mf.KEY_DENSE]
         # Multi-hot: sum of one-hots (zeros for an example without labels), clipped for duplicates.
         y = tf.minimum(tf.reduce_sum(tf.one_hot(ex[mf.KEY_LABELS].values, num_labels), axis=0), 1.0)
         return x, y
@@ -253,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     precision = precision_lib.resolve(args.precision)
     cfg = bench_config(args, precision, "one_device", args.batch_size, args.warmup_steps + args.steps)
     args.hidden = list(cfg.model.hidden)
-    flops = model_flops_per_example(manifest.num_features, manifest.num_labels, args.hidden)
+    flops = model_flops_per_example(manifest.num_features, manifest.num_labels, args.hidden, cfg.model.ensemble)
     gpus = tf.config.list_logical_devices("GPU")
     device = device_name()
     print(f"device: {device}; precision {precision}; batch {args.batch_size} per device; model "
-          f"{manifest.num_features}-{'-'.join(map(str, args.hidden))}-{manifest.num_labels} "
+          f"{manifest.num_features}-{'-'.join(map(str, args.hidden))}-{manifest.num_labels}"
+          f"{f' x {cfg.model.ensemble} members' if cfg.model.ensemble > 1 else ''} "
           f"({flops / 1e6:.1f} MFLOP/example for training); steps_per_call {cfg.train.steps_per_call}, "
           f"jit_compile {cfg.train.jit_compile}; {args.warmup_steps} warm-up + {args.steps} timed steps; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -297,10 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if "trainer_mirrored" in res and "in_memory" in res:
         out["mirrored_scaling"] = res["trainer_mirrored"]["ex_s"] / (len(gpus) * res["in_memory"]["ex_s"])
         print(f"mirrored / ({len(gpus)} x in memory): {out['mirrored_scaling']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
     return 0
 
 

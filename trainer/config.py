@@ -30,6 +30,7 @@ class ModelConfig:
     l2: float = 0.0  # L2 penalty on kernels (prefer optimizer.weight_decay with adamw)
     input_transform: str = "none"  # none | log1p | l2_normalize | log1p_l2 (bag-of-words: TF-IDF-like)
     output_bias: str = "prior"  # initial output biases: prior (log-odds of each label's training frequency) | zeros
+    ensemble: int = 1  # independent MLPs averaged (mean probability); costs ensemble x the compute
 
 
 @dataclasses.dataclass
@@ -202,6 +203,7 @@ def validate(cfg: Config) -> Config:
         ("model.dropout", 0.0 <= cfg.model.dropout < 1.0, "must be in [0, 1)"),
         ("model.input_dropout", 0.0 <= cfg.model.input_dropout < 1.0, "must be in [0, 1)"),
         ("model.l2", cfg.model.l2 >= 0, "must be >= 0"),
+        ("model.ensemble", 1 <= cfg.model.ensemble <= 32, "must be in [1, 32]"),
         ("data.shuffle_buffer", cfg.data.shuffle_buffer >= 1, "must be >= 1"),
         ("data.cycle_length", cfg.data.cycle_length >= 1, "must be >= 1"),
         ("data.block_length", cfg.data.block_length >= 1, "must be >= 1"),

@@ -39,8 +39,16 @@ class MultiLabelLoss:
             self.label_weights = tf.constant(cfg.label_weights, tf.float32)
 
     def __call__(self, labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-        """Returns the [B] per-example losses (float32)."""
+        """Returns the [B] per-example losses (float32).
+
+        ``logits`` is [B, L], or [B, K, L] for the K members of an ensemble in training (build_model): each
+        member is scored against the same labels and the per-example loss is the mean over members, so every
+        member learns on its own, as if trained alone.
+        """
         logits = tf.cast(logits, tf.float32)
+        members = logits.shape.rank == 3
+        if members:
+            labels = tf.broadcast_to(tf.cast(labels, tf.float32)[:, tf.newaxis, :], tf.shape(logits))
         if self.smoothing:
             labels = labels * (1.0 - self.smoothing) + 0.5 * self.smoothing
         if self.pos_weight is not None:
@@ -49,4 +57,4 @@ class MultiLabelLoss:
             per_label = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
         if self.label_weights is not None:
             per_label = per_label * self.label_weights
-        return tf.reduce_mean(per_label, axis=-1)
+        return tf.reduce_mean(per_label, axis=[1, 2] if members else -1)

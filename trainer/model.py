@@ -47,42 +47,78 @@ def prior_log_odds(label_counts, num_examples: int) -> np.ndarray:
 
 def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int = 0,
                 output_bias=None) -> keras.Model:
-    """Builds the MLP.
+    """Builds the MLP, or an ensemble of ``cfg.ensemble`` MLPs over the same input.
 
     Args:
       num_features: input width.
       num_labels: number of independent binary outputs.
-      cfg: widths, activation, dropout, L2, input transform.
+      cfg: widths, activation, dropout, L2, input transform, ensemble members.
       seed: seed of the dropout layers.
       output_bias: initial [L] output biases (e.g. prior_log_odds of the training labels), zeros if None.
         Starting every sigmoid at its label's frequency skips the first phase of training in which a
         zero-bias model (p = 0.5 everywhere, with 1-2 % positives) only learns to say "no" to every label.
 
     Returns:
-      A Keras model mapping [B, F] float32 features to [B, L] float32 logits.
+      A Keras model mapping [B, F] float32 features to [B, L] float32 logits. With ``cfg.ensemble`` K > 1 the
+      members are independent MLPs (own weights, own dropout masks): called with ``training=True`` the model
+      returns their [B, K, L] logits, so each member is trained on its own loss (MultiLabelLoss averages
+      them); otherwise the logits of the members' mean probability (what evaluation, prediction and the
+      export see). Averaging probabilities, not logits, is the usual ensemble and keeps calibration.
     """
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
     inputs = keras.Input(shape=(num_features,), dtype="float32", name="features")
     x = inputs
     if cfg.input_transform != "none":
         x = InputTransform(cfg.input_transform, name="input_transform")(x)
-    if cfg.input_dropout > 0:
-        x = keras.layers.Dropout(cfg.input_dropout, seed=seed, name="input_dropout")(x)
-    for i, width in enumerate(cfg.hidden):
-        x = keras.layers.Dense(width, activation=cfg.activation, kernel_regularizer=reg, name=f"hidden_{i}")(x)
-        if cfg.dropout > 0:
-            x = keras.layers.Dropout(cfg.dropout, seed=seed + i + 1, name=f"dropout_{i}")(x)
-    # float32 output layer: logits and the loss stay float32 under mixed_float16 / mixed_bfloat16.
     bias_init = "zeros" if output_bias is None else keras.initializers.Constant(np.asarray(output_bias, np.float32))
-    logits = keras.layers.Dense(num_labels, dtype="float32", kernel_regularizer=reg, bias_initializer=bias_init,
-                                name="logits")(x)
-    return keras.Model(inputs, logits, name="multilabel_mlp")
+    members = []
+    for m in range(cfg.ensemble):
+        # One member keeps the layer names of a plain MLP; members of an ensemble are prefixed.
+        prefix = f"member_{m}_" if cfg.ensemble > 1 else ""
+        h = x
+        if cfg.input_dropout > 0:
+            h = keras.layers.Dropout(cfg.input_dropout, seed=seed + 1000 * m, name=f"{prefix}input_dropout")(h)
+        for i, width in enumerate(cfg.hidden):
+            h = keras.layers.Dense(width, activation=cfg.activation, kernel_regularizer=reg,
+                                   name=f"{prefix}hidden_{i}")(h)
+            if cfg.dropout > 0:
+                h = keras.layers.Dropout(cfg.dropout, seed=seed + 1000 * m + i + 1, name=f"{prefix}dropout_{i}")(h)
+        # float32 output layer: logits and the loss stay float32 under mixed_float16 / mixed_bfloat16.
+        members.append(keras.layers.Dense(num_labels, dtype="float32", kernel_regularizer=reg,
+                                          bias_initializer=bias_init, name=f"{prefix}logits")(h))
+    logits = members[0] if cfg.ensemble == 1 else EnsembleLogits(name="ensemble")(members)
+    return keras.Model(inputs, logits, name="multilabel_mlp" if cfg.ensemble == 1 else "multilabel_mlp_ensemble")
 
 
-def model_flops_per_example(num_features: int, num_labels: int, hidden: list[int]) -> float:
-    """Training FLOPs per example (forward + backward ~ 3x forward, 2 FLOPs per multiply-add)."""
+def mean_probability_logits(member_logits: tf.Tensor, axis: int = 1) -> tf.Tensor:
+    """Logits of the mean of ``sigmoid(member_logits)`` over ``axis``, computed in log space.
+
+    ``log p = logsumexp(log sigmoid(z)) - log K`` and ``log(1 - p) = logsumexp(log sigmoid(-z)) - log K``, so
+    the logit ``log p - log(1 - p)`` needs no probability near 0 or 1 to be represented (no inf, no 0/0).
+    """
+    z = tf.cast(member_logits, tf.float32)
+    return (tf.reduce_logsumexp(tf.math.log_sigmoid(z), axis=axis)
+            - tf.reduce_logsumexp(tf.math.log_sigmoid(-z), axis=axis))
+
+
+class EnsembleLogits(keras.layers.Layer):
+    """Stacks member logits [B, K, L] for training; otherwise returns the logits of their mean probability."""
+
+    def __init__(self, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+
+    def call(self, member_logits, training=None):
+        stacked = tf.stack([tf.cast(z, tf.float32) for z in member_logits], axis=1)
+        return stacked if training else mean_probability_logits(stacked)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+
+def model_flops_per_example(num_features: int, num_labels: int, hidden: list[int], ensemble: int = 1) -> float:
+    """Training FLOPs per example (forward + backward ~ 3x forward, 2 FLOPs per multiply-add), all members."""
     widths = [num_features, *hidden, num_labels]
-    return 6.0 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return 6.0 * ensemble * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
 def scaled_learning_rate(cfg: OptimizerConfig, global_batch_size: int) -> float:

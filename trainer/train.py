@@ -337,7 +337,7 @@ def _log_progress(writers, window, step, total_steps, epoch, optimizer, policy) 
 
 def _run_info(manifest: mf.Manifest, cfg) -> dict:
     return {"num_features": manifest.num_features, "num_labels": manifest.num_labels,
-            "hidden": list(cfg.model.hidden)}
+            "hidden": list(cfg.model.hidden), "ensemble": cfg.model.ensemble}
 
 
 def _write_run_info(model_dir, manifest, cfg, data_dir) -> None:
@@ -357,6 +357,7 @@ def _check_run_info(model_dir, manifest, cfg) -> None:
     with open(path) as f:
         old = json.load(f)
     new = _run_info(manifest, cfg)
+    old = {"ensemble": 1, **old}  # Written before ensembles existed: one model.
     diffs = [f"{k} {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v]
     if diffs:
         raise config_lib.ConfigError(f"{model_dir}: holds a run of another shape ({'; '.join(diffs)}); use a new "
