@@ -232,6 +232,23 @@ def test_tune_thresholds_known_optimum():
     np.testing.assert_allclose(compute.tune_thresholds(state, min_positives=6, default=0.4), [0.7, 0.4])
 
 
+def test_unlearnt_label_keeps_the_default_threshold():
+    # Label 0: scores carry no information, so the best F1 over the noise is about that of predicting every
+    # example positive; tuning must not switch the label on for (almost) everyone. Label 1 separates.
+    rng = np.random.default_rng(0)
+    y = np.zeros((400, 2), np.float32)
+    y[:20, 0] = 1
+    y[:100, 1] = 1
+    p = np.stack([rng.uniform(0.0, 0.1, 400), np.where(y[:, 1] > 0, 0.8, 0.2) + rng.uniform(-0.05, 0.05, 400)], 1)
+    state = {k: v.numpy() for k, v in batch_metric_state(y, p.astype(np.float32), np.full(2, 0.5), 20).items()}
+    f1_all_yes = 2 * 20 / (400 + 20)
+    best_noise_f1 = max(skm.f1_score(y[:, 0], p[:, 0] >= e / 20) for e in range(20))
+    assert f1_all_yes <= best_noise_f1 < 1.2 * f1_all_yes  # "always yes", or a lucky threshold near it
+    tuned = compute.tune_thresholds(state, min_positives=5, default=0.5)
+    assert tuned[0] == 0.5
+    assert 0.25 <= tuned[1] <= 0.75
+
+
 def test_tuned_threshold_maximises_f1(data):
     y, p, num_bins = data["y"], data["p"], 50
     st = run_state(y, p, data["t"], num_bins)
@@ -242,6 +259,9 @@ def test_tuned_threshold_maximises_f1(data):
             assert tuned[j] == 0.5
             continue
         f1s = [skm.f1_score(y[:, j], p[:, j] >= e, zero_division=0.0) for e in edges]
+        if max(f1s) < f1s[0] + 0.2 * (1 - f1s[0]):  # not enough better than "always yes": not tuned
+            assert tuned[j] == 0.5, j
+            continue
         assert skm.f1_score(y[:, j], p[:, j] >= tuned[j], zero_division=0.0) == pytest.approx(max(f1s)), j
 
 
