@@ -16,8 +16,9 @@ Steps (defaults for bibtex, the Mulan sparse ARFF files):
        adam), fit 10 epochs, batch 128, on the raw features.
 
 Prints P@1/3/5, micro/macro F1 and macro PR-AUC of each. The package's row is the evaluate command's output:
-its F1 uses the per-label thresholds tuned on the validation records during training; the baselines use 0.5,
-so a row "this package @0.5" (same model, thresholds 0.5, from ``python -m trainer predict``) is printed too.
+its F1 uses the per-label thresholds of the run (tuned on validation records when the config holds some out;
+configs/default.yaml does not, so they are 0.5); the baselines use 0.5, so a row "this package @0.5" (same
+model, thresholds 0.5, from ``python -m trainer predict``) is printed too.
 All metrics come from the same code (trainer.metrics: P@k exact, PR-AUC from 200-bin histograms), so the rows
 differ only in the predictions.
 """
