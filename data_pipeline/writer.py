@@ -30,15 +30,15 @@ def encode_example(features, labels: Sequence[int], encoding: str) -> bytes:
     import tensorflow as tf  # Imported lazily: converters' argument errors should not wait for TF.
 
     feats = {mf.KEY_LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=list(labels)))}
-    if encoding == mf.DENSE:
-        # A packed repeated float is its little-endian bytes behind a tag and a length: parsing that is one
-        # copy, where FloatList(value=array) converts float by float in Python (~10x slower to write).
+    if encoding in mf.DENSE_ENCODINGS:
         raw = np.ascontiguousarray(features, dtype="<f4").tobytes()
-        floats = tf.train.FloatList.FromString(b"\x0a" + _varint(len(raw)) + raw) if raw else tf.train.FloatList()
-        feats[mf.KEY_DENSE] = tf.train.Feature(float_list=floats)
-    elif encoding == mf.DENSE_BYTES:
-        raw = np.ascontiguousarray(features, dtype="<f4").tobytes()
-        feats[mf.KEY_DENSE] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[raw]))
+        if encoding == mf.DENSE:
+            # A packed repeated float is its little-endian bytes behind a tag and a length: parsing that is one
+            # copy, where FloatList(value=array) converts float by float in Python (~10x slower to write).
+            floats = tf.train.FloatList.FromString(b"\x0a" + _varint(len(raw)) + raw) if raw else tf.train.FloatList()
+            feats[mf.KEY_DENSE] = tf.train.Feature(float_list=floats)
+        else:
+            feats[mf.KEY_DENSE] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[raw]))
     else:
         idx, val = features
         feats[mf.KEY_SPARSE_INDEX] = tf.train.Feature(int64_list=tf.train.Int64List(value=list(idx)))

@@ -108,7 +108,7 @@ class EnsembleLogits(keras.layers.Layer):
         super().__init__(dtype="float32", **kwargs)
 
     def call(self, member_logits, training=None):
-        stacked = tf.stack([tf.cast(z, tf.float32) for z in member_logits], axis=1)
+        stacked = tf.stack(member_logits, axis=1)  # the members' logits layers are float32 already
         return stacked if training else mean_probability_logits(stacked)
 
     def compute_output_shape(self, input_shape):

@@ -266,10 +266,10 @@ def tune_thresholds(state: Mapping[str, np.ndarray], min_positives: int = 5, def
     out = np.full(pos_hist.shape[0], float(default))
     for i in np.flatnonzero(n_pos[:, 0] >= max(min_positives, 1)):
         row = f1[i]
-        best = np.isclose(row, row.max(), rtol=1e-12, atol=0.0)
         always_yes = row[0]  # threshold 0: every example predicted positive
         if row.max() < always_yes + min_gain * (1.0 - always_yes):
             continue  # no better than "always yes" by enough to be skill rather than noise
+        best = np.isclose(row, row.max(), rtol=1e-12, atol=0.0)
         start = int(np.argmax(best))
         stop = start + int(np.argmin(best[start:])) if not best[start:].all() else num_bins
         out[i] = ((start + stop - 1) // 2) / num_bins
