@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: the generated benchmark dataset and the JSON result file."""
+"""Helpers shared by the benchmark scripts: the generated benchmark dataset, the per-example parse of the
+baselines, and the JSON result file."""
 
 from __future__ import annotations
 
@@ -39,6 +40,26 @@ def ensure_dataset(data_dir: str, examples: int, features: int, labels: int, sha
     m = generate(data_dir, examples, features, labels, shards, seed=0, split_eval=split_eval, overwrite=True)
     print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
     return m
+
+
+def parse_one_example(num_features: int, num_labels: int):
+    """Returns the per-example parse the baselines use: what a tutorial pipeline writes for these records.
+
+    ``parse_single_example`` on one serialized record, then its multi-hot label vector as the sum of one-hots
+    (zeros for a record without labels), clipped for duplicates. The package's reader parses whole batches
+    instead (data_pipeline.reader.make_parse_fn).
+    """
+    import tensorflow as tf  # Lazily: bench/tune_defaults.py only drives the CLI and needs no TensorFlow.
+
+    spec = {mf.KEY_DENSE: tf.io.FixedLenFeature([num_features], tf.float32),
+            mf.KEY_LABELS: tf.io.VarLenFeature(tf.int64)}
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        y = tf.minimum(tf.reduce_sum(tf.one_hot(ex[mf.KEY_LABELS].values, num_labels), axis=0), 1.0)
+        return ex[mf.KEY_DENSE], y
+
+    return parse
 
 
 def write_json(path: str | None, result: dict) -> None:

@@ -29,8 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench.common import ensure_dataset, write_json  # noqa: E402
-from data_pipeline import manifest as mf  # noqa: E402
+from bench.common import ensure_dataset, parse_one_example, write_json  # noqa: E402
 from data_pipeline.reader import ReaderOptions, make_dataset, split_files  # noqa: E402
 
 
@@ -45,16 +44,7 @@ def raw_pipeline(files, batch_size: int) -> tf.data.Dataset:
 
 def naive_pipeline(files, batch_size: int, num_features: int, num_labels: int) -> tf.data.Dataset:
     """(c): the pipeline most tutorials write: parse one example at a time, densify its labels, batch."""
-    spec = {mf.KEY_DENSE: tf.io.FixedLenFeature([num_features], tf.float32),
-            mf.KEY_LABELS: tf.io.VarLenFeature(tf.int64)}
-
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        x = ex[mf.KEY_DENSE]
-        y = tf.reduce_max(tf.one_hot(ex[mf.KEY_LABELS].values, num_labels), axis=0)
-        return x, y
-
-    return tf.data.TFRecordDataset(files).map(parse).batch(batch_size)
+    return tf.data.TFRecordDataset(files).map(parse_one_example(num_features, num_labels)).batch(batch_size)
 
 
 def measure(ds: tf.data.Dataset, warmup_batches: int, batches: int, batch_size: int) -> tuple[float, float]:

@@ -50,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench.common import ensure_dataset, write_json  # noqa: E402
+from bench.common import ensure_dataset, parse_one_example, write_json  # noqa: E402
 from data_pipeline import manifest as mf  # noqa: E402
 from data_pipeline import reader  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
@@ -151,19 +151,9 @@ def run_trainer(args, precision: str, distribution: str, batch_size: int) -> dic
 
 def keras_dataset(files: list[str], batch_size: int, num_features: int, num_labels: int) -> tf.data.Dataset:
     """(c)'s input: the straightforward per-example pipeline over the same files."""
-    spec = {mf.KEY_DENSE: tf.io.FixedLenFeature([num_features], tf.float32),
-            mf.KEY_LABELS: tf.io.VarLenFeature(tf.int64)}
-
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        x = ex[mf.KEY_DENSE]
-        # Multi-hot: sum of one-hots (zeros for an example without labels), clipped for duplicates.
-        y = tf.minimum(tf.reduce_sum(tf.one_hot(ex[mf.KEY_LABELS].values, num_labels), axis=0), 1.0)
-        return x, y
-
     ds = tf.data.TFRecordDataset(files).repeat().shuffle(10000)
-    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True).prefetch(
-        tf.data.AUTOTUNE)
+    ds = ds.map(parse_one_example(num_features, num_labels), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 class _BatchTimes(keras.callbacks.Callback):
