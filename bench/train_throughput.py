@@ -108,13 +108,11 @@ def run_in_memory(args, cfg: config_lib.Config, manifest: mf.Manifest, precision
     train_fn = steps_lib.make_train_function(backend, model, optimizer, loss_fn, cfg.train.batch_size,
                                              cfg.train.jit_compile)
     iterator = iter(backend.distribute_dataset(lambda ctx: tf.data.Dataset.from_tensors(batch).repeat()))
-    # No stop or save requested (one float per steps_lib.REQUESTS entry, as the trainer passes them).
-    no_stop = tf.zeros([len(getattr(steps_lib, "REQUESTS", ("stop", "save")))])
-    train_fn(iterator, tf.constant(args.warmup_steps), no_stop).numpy()
+    train_fn(iterator, args.warmup_steps)
     t0 = time.perf_counter()
-    stats = train_fn(iterator, tf.constant(args.steps), no_stop).numpy()
+    stats = train_fn(iterator, args.steps)
     seconds = time.perf_counter() - t0
-    return {"examples": float(stats[1]), "steps": args.steps, "seconds": seconds}
+    return {"examples": stats.examples, "steps": args.steps, "seconds": seconds}
 
 
 class _ProgressTimes(logging.Handler):

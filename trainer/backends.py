@@ -1,9 +1,13 @@
 """Distribution backends: the seam between the one training step and the ways of running it.
 
-Backends differ only in how gradients and metric sums are reduced, how the dataset is split and who
-writes files. tf.distribute strategies (one device, Mirrored, MultiWorkerMirrored) share one class, with
-Keras summing gradients across replicas inside ``apply_gradients``; Horovod sums them itself in
-``reduce_gradients``. The training step (trainer/steps.py) is written once against this interface.
+Backends differ in how gradients and metric sums are reduced, how the dataset is split, and which process
+reads and writes checkpoints. tf.distribute strategies (one device, Mirrored, MultiWorkerMirrored) share one
+class, with Keras summing gradients across replicas inside ``apply_gradients``; Horovod sums them itself in
+``reduce_gradients``. The training step (trainer/steps.py) and the loop (trainer/train.py) are written once
+against this interface: they ask the backend what to do (properties and methods), never which one it is.
+
+TensorFlow is imported inside the functions that use it, so that config validation and ``--help`` can read
+DISTRIBUTIONS without the seconds a TensorFlow import takes.
 """
 
 from __future__ import annotations
@@ -12,12 +16,11 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
-
-import tensorflow as tf
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
+# The distribution names (train.distribution, --distribution); "auto" picks one of them (resolve_distribution).
 DISTRIBUTIONS = ("one_device", "mirrored", "multi_worker", "horovod")
 
 
@@ -25,11 +28,11 @@ class Backend:
     """Interface of a distribution backend (see module docstring).
 
     Attributes:
-      name: the distribution name.
+      name: the distribution name (for log lines only: callers never branch on it).
       num_replicas: replicas over all workers (the global batch is split across them).
       num_workers: processes taking part.
       worker_index: this process' index (rank).
-      is_chief: whether this process writes checkpoints, summaries and exports.
+      is_chief: whether this process writes checkpoints into the model directory, summaries and exports.
     """
 
     name = "base"
@@ -38,12 +41,29 @@ class Backend:
     worker_index = 0
     is_chief = True
 
+    @property
+    def local_replicas(self) -> int:
+        """Replicas fed by this process' input pipeline: a step takes one per-replica batch for each."""
+        return self.num_replicas // self.num_workers
+
+    @property
+    def restores_checkpoints(self) -> bool:
+        """Whether this process reads the checkpoint on resume (otherwise it receives the restored state from
+        broadcast_initial_state)."""
+        return True
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """Whether this process writes a copy when the job saves (only the chief's copy is kept in the model
+        directory; MultiWorkerMirroredStrategy needs every worker to write one)."""
+        return True
+
     def scope(self):
-        """Context in which the model and optimizer are created."""
+        """Context in which the model, the optimizer and the training counters are created."""
         return contextlib.nullcontext()
 
-    def distribute_dataset(self, dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset]):
-        """Returns an iterable of batches for this process from ``dataset_fn(input_context)``."""
+    def distribute_dataset(self, dataset_fn: Callable):
+        """Returns an iterable of batches for this process from ``dataset_fn(tf.distribute.InputContext)``."""
         raise NotImplementedError
 
     def run(self, fn, args):
@@ -66,12 +86,28 @@ class Backend:
         """
         return grads
 
-    def finish_reduce(self, host_value):
-        """Completes a sum of host (NumPy) values that were reduced only locally (Horovod eval)."""
-        return host_value
+    def reduce_eval_batch(self, state):
+        """Sums one eval batch's per-replica metric state as far as is safe per batch (inside a tf.function).
+
+        tf.distribute sums over every replica and worker (its input pipelines give every worker the same
+        number of batches, padding with empty ones); Horovod ranks may hold different numbers of eval batches,
+        so a per-batch allreduce would hang: they sum at the end instead, in reduce_eval_total.
+        """
+        return self.reduce_sum(state)
+
+    def reduce_eval_total(self, host_state):
+        """Completes the sum of a host-side (NumPy) eval state after the last batch (see reduce_eval_batch)."""
+        return host_state
+
+    def any_process(self, flags: Sequence[bool]) -> list[bool]:
+        """For each flag, whether any process raised it: every process gets the same answer, so all of them
+        act on a request together (stop after SIGTERM, save when one process' timer is due). One tiny
+        all-reduce across processes; nothing to reduce in a single process."""
+        return [bool(f) for f in flags]
 
     def broadcast_initial_state(self, variables) -> None:
-        """Makes every process start from rank 0's values (Horovod; tf.distribute does this itself)."""
+        """Makes every process start from the restoring process' values (Horovod; tf.distribute does this
+        itself)."""
 
     def barrier(self) -> None:
         """Waits for every process (used around file writes)."""
@@ -80,7 +116,7 @@ class Backend:
 class StrategyBackend(Backend):
     """tf.distribute strategies: OneDevice, Mirrored and MultiWorkerMirrored."""
 
-    def __init__(self, name: str, strategy: tf.distribute.Strategy):
+    def __init__(self, name: str, strategy):
         self.name = name
         self.strategy = strategy
         self.num_replicas = strategy.num_replicas_in_sync
@@ -103,6 +139,8 @@ class StrategyBackend(Backend):
         return self.strategy.run(fn, args=args)
 
     def reduce_sum(self, value):
+        import tensorflow as tf
+
         # One reduce per tensor: MultiWorkerMirroredStrategy.reduce does not take a nest (a dict of metric
         # state failed with "Expected any non-tensor type, but got a tensor instead" in multi-worker
         # evaluation); Mirrored and OneDevice accept either.
@@ -110,21 +148,32 @@ class StrategyBackend(Backend):
             lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), value)
 
     def sync_non_finite(self, grads):
+        import tensorflow as tf
+
         if self.num_replicas == 1:
             return grads
         bad = tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
         any_bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad) > 0
         return [tf.where(any_bad, tf.constant(float("nan"), g.dtype), g) for g in grads]
 
+    def any_process(self, flags):
+        import tensorflow as tf
+
+        if self.num_workers == 1:
+            return super().any_process(flags)
+        local = tf.constant([float(bool(f)) for f in flags], tf.float32)
+        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.identity(local)),
+                                     axis=None)
+        return [bool(v > 0) for v in total.numpy()]
+
     def barrier(self) -> None:
         if self.num_workers > 1:
-            # An all-reduce of one number is a barrier every worker must reach.
-            self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                 self.strategy.run(lambda: tf.constant(1.0)), axis=None)
+            self.any_process([True])  # An all-reduce is a barrier every worker must reach.
 
 
 class HorovodBackend(Backend):
-    """Horovod (horovodrun / MPI): one process per device, gradients summed with allreduce.
+    """Horovod (horovodrun / MPI): one process per device, gradients summed with allreduce; rank 0 alone
+    restores and writes checkpoints, and broadcasts its state to the other ranks.
 
     Args:
       fp16_compression: compress gradients to float16 for the allreduce.
@@ -134,6 +183,7 @@ class HorovodBackend(Backend):
 
     def __init__(self, fp16_compression: bool = False):
         import horovod.tensorflow as hvd
+        import tensorflow as tf
 
         hvd.init()
         self.hvd = hvd
@@ -146,7 +196,17 @@ class HorovodBackend(Backend):
         self.is_chief = hvd.rank() == 0
         self.compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
 
+    @property
+    def restores_checkpoints(self) -> bool:
+        return self.is_chief
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        return self.is_chief  # Ranks hold identical state; rank 0 alone writes.
+
     def distribute_dataset(self, dataset_fn):
+        import tensorflow as tf
+
         ctx = tf.distribute.InputContext(num_input_pipelines=self.num_workers,
                                          input_pipeline_id=self.worker_index,
                                          num_replicas_in_sync=self.num_replicas)
@@ -156,22 +216,37 @@ class HorovodBackend(Backend):
         return fn(*args)
 
     def reduce_sum(self, value):
+        import tensorflow as tf
+
         return tf.nest.map_structure(lambda v: self.hvd.allreduce(v, op=self.hvd.Sum), value)
 
     def reduce_gradients(self, grads):
         # Losses are already divided by the global batch, so the sum over ranks is the mean gradient.
         return self.hvd.grouped_allreduce(list(grads), op=self.hvd.Sum, compression=self.compression)
 
-    def finish_reduce(self, host_value):
+    def reduce_eval_batch(self, state):
+        return state
+
+    def reduce_eval_total(self, host_state):
+        import tensorflow as tf
+
         return tf.nest.map_structure(
-            lambda v: self.hvd.allreduce(tf.convert_to_tensor(v), op=self.hvd.Sum).numpy(), host_value)
+            lambda v: self.hvd.allreduce(tf.convert_to_tensor(v), op=self.hvd.Sum).numpy(), host_state)
+
+    def any_process(self, flags):
+        import tensorflow as tf
+
+        if self.num_workers == 1:
+            return super().any_process(flags)
+        total = self.hvd.allreduce(tf.constant([float(bool(f)) for f in flags], tf.float32), op=self.hvd.Sum)
+        return [bool(v > 0) for v in total.numpy()]
 
     def broadcast_initial_state(self, variables) -> None:
         # Horovod needs the underlying tf.Variables, not Keras 3 variable wrappers (horovod#4290).
         self.hvd.broadcast_variables([tf_variable(v) for v in variables], root_rank=0)
 
     def barrier(self) -> None:
-        self.hvd.allreduce(tf.constant(1.0), op=self.hvd.Sum)
+        self.any_process([True])
 
 
 def tf_variable(v):
@@ -186,6 +261,8 @@ def configure_logical_cpus(count: int) -> None:
 
     Must run before TensorFlow initialises its devices; a second call with the same count is harmless.
     """
+    import tensorflow as tf
+
     cpus = tf.config.list_physical_devices("CPU")
     current = tf.config.get_logical_device_configuration(cpus[0])
     if current and len(current) == count:
@@ -196,6 +273,8 @@ def configure_logical_cpus(count: int) -> None:
 def resolve_distribution(name: str) -> str:
     """Resolves ``auto``: horovod under horovodrun/mpirun, multi_worker with TF_CONFIG, mirrored with
     several GPUs, else one_device."""
+    import tensorflow as tf
+
     if name != "auto":
         return name
     if any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
@@ -209,10 +288,10 @@ def resolve_distribution(name: str) -> str:
     return "one_device"
 
 
-_MIRRORED: dict[tuple[str, ...], tf.distribute.MirroredStrategy] = {}
+_MIRRORED: dict = {}
 
 
-def _mirrored_strategy(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+def _mirrored_strategy(devices: tuple[str, ...]):
     """One MirroredStrategy per device list and process.
 
     Every new MirroredStrategy numbers its collective ops from the same start, so a second train() in one
@@ -220,6 +299,8 @@ def _mirrored_strategy(devices: tuple[str, ...]) -> tf.distribute.MirroredStrate
     "Shape mismatch in the collective instance 101" when the models differed. Reusing the strategy keeps
     the numbering going.
     """
+    import tensorflow as tf
+
     if devices not in _MIRRORED:
         _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
     return _MIRRORED[devices]
@@ -231,7 +312,11 @@ def make_backend(name: str, fp16_compression: bool = False) -> Backend:
     Raises:
       ValueError: the distribution cannot run here (no TF_CONFIG, one device for mirrored, no Horovod).
     """
+    import tensorflow as tf
+
     name = resolve_distribution(name)
+    if name not in DISTRIBUTIONS:
+        raise ValueError(f"train.distribution: unknown '{name}' (one of auto, {', '.join(DISTRIBUTIONS)})")
     if name == "horovod":
         try:
             return HorovodBackend(fp16_compression)
@@ -242,8 +327,7 @@ def make_backend(name: str, fp16_compression: bool = False) -> Backend:
         if not os.environ.get("TF_CONFIG"):
             raise ValueError("train.distribution=multi_worker: TF_CONFIG is not set (see README, "
                              "'Multi-worker training')")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        return StrategyBackend(name, strategy)
+        return StrategyBackend(name, tf.distribute.MultiWorkerMirroredStrategy())
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     if name == "mirrored":
@@ -251,6 +335,4 @@ def make_backend(name: str, fp16_compression: bool = False) -> Backend:
             raise ValueError("train.distribution=mirrored: needs at least 2 devices, found "
                              f"{len(devices)} (no GPUs; set MLT_LOGICAL_CPUS=2 to try it on a CPU)")
         return StrategyBackend(name, _mirrored_strategy(tuple(devices)))
-    if name == "one_device":
-        return StrategyBackend(name, tf.distribute.OneDeviceStrategy(devices[0]))
-    raise ValueError(f"train.distribution: unknown '{name}'")
+    return StrategyBackend(name, tf.distribute.OneDeviceStrategy(devices[0]))

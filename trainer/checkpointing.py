@@ -45,9 +45,9 @@ class CheckpointKeeper:
         self.backend = backend
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.chief_dir = os.path.join(model_dir, "checkpoints")
-        if backend.is_chief or backend.name == "horovod":
+        if backend.is_chief or not backend.writes_checkpoints:
             self.write_dir = self.chief_dir
-        else:
+        else:  # A worker's copy, written because the save needs every worker, then deleted.
             self.write_dir = os.path.join(model_dir, f".tmp_worker_{backend.worker_index}", "checkpoints")
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir, max_to_keep=keep)
@@ -92,8 +92,8 @@ class CheckpointKeeper:
 
     def save(self, step: int) -> str | None:
         """Saves now (every process must call it; only the chief's copy is kept). Returns the chief's path."""
-        if self.backend.name == "horovod" and not self.backend.is_chief:
-            path = None  # Horovod ranks hold identical state; rank 0 alone writes.
+        if not self.backend.writes_checkpoints:
+            path = None
         else:
             path = self.manager.save(checkpoint_number=step)
             if not self.backend.is_chief:

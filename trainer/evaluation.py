@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -95,20 +96,15 @@ class Evaluator:
             return reader.make_dataset(source.data_dir, source.split, ctx.get_per_replica_batch_size(batch), ctx,
                                        options)
 
-        acc = metric_state.zero_state(self.manifest.num_labels, self.num_bins)
-        acc["loss_sum"] = np.zeros((), np.float64)
-        try:
-            for batch_data in self.backend.distribute_dataset(dataset_fn):
-                out = self.eval_fn(batch_data)
-                acc = metric_state.accumulate(acc, {k: np.asarray(v) for k, v in out.items()})
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-            raise reader.explain_data_error(source.data_dir, source.split, e) from None
-        acc = self.backend.finish_reduce(acc)
-        n = float(acc["num_examples"])
+        state = metric_state.zero_state(self.manifest.num_labels, self.num_bins)
+        state["loss_sum"] = np.zeros((), np.float64)
+        state = sum_metric_state(self.backend.distribute_dataset(dataset_fn), self.eval_fn, state, source)
+        state = self.backend.reduce_eval_total(state)
+        n = float(state["num_examples"])
         if n == 0:
             raise ValueError(f"evaluation on {source.describe()} saw no examples")
-        metrics = compute.compute_metrics(acc, self.manifest.label_names, self.thresholds, self.train_counts)
-        return EvalResult(metrics, float(acc["loss_sum"]) / n, acc)
+        metrics = compute.compute_metrics(state, self.manifest.label_names, self.thresholds, self.train_counts)
+        return EvalResult(metrics, float(state["loss_sum"]) / n, state)
 
     def tune_thresholds(self, result: EvalResult) -> np.ndarray:
         """Per-label F1-optimal thresholds from an evaluation's histograms (0.5 for rare labels)."""
@@ -128,14 +124,12 @@ class EarlyStopping:
         self.best_value, self.best_step, self.bad_evals = -np.inf, -1, 0
         self.best_weights = None
         self.best_result: EvalResult | None = None
-        self.last_result: EvalResult | None = None
 
     @property
     def should_stop(self) -> bool:
         return bool(self.patience) and self.bad_evals >= self.patience
 
     def update(self, step: int, result: EvalResult, model) -> None:
-        self.last_result = result
         if not self.patience:
             return
         value = -result.loss if self.metric == "loss" else result.metrics.aggregates[self.metric]
@@ -146,13 +140,29 @@ class EarlyStopping:
         else:
             self.bad_evals += 1
 
-    def restore_best(self, model) -> bool:
-        """Puts the best weights back when training ended on a worse evaluation; returns whether it did."""
+    def restore_best(self, model) -> EvalResult | None:
+        """Puts the best weights back when training ended on a worse evaluation; returns the best evaluation
+        then, else None."""
         if self.best_weights is None or not self.bad_evals:
-            return False
+            return None
         log.info("restoring the weights of step %d (best %s %.4f)", self.best_step, self.metric, self.best_value)
         model.set_weights(self.best_weights)
-        return True
+        return self.best_result
+
+
+def sum_metric_state(batches, eval_step: Callable, state: dict, source: EvalSource) -> dict:
+    """The evaluation loop (training's evaluations and ``trainer evaluate``): adds ``eval_step(batch)``, a dict
+    of additive metric state, to ``state`` for every batch, on the host in float64.
+
+    Raises:
+      DataError: a bad record, named with its file (reader.explain_data_error).
+    """
+    try:
+        for batch in batches:
+            state = metric_state.accumulate(state, eval_step(batch))
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+        raise reader.explain_data_error(source.data_dir, source.split, e) from None
+    return state
 
 
 def summary_line(result: EvalResult) -> str:

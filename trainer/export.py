@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.backends import tf_variable
+from trainer.steps import probabilities
 
 SAVED_MODEL = "saved_model"
 LABELS_FILE = "labels.json"
@@ -40,7 +41,7 @@ class _Serving(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None, num_features], tf.float32, name="features")])
         def serve(features):
-            probs = tf.sigmoid(tf.cast(self.model(features, training=False), tf.float32))
+            probs = probabilities(self.model, features)
             return {"probabilities": probs,
                     "predictions": tf.cast(probs >= self.thresholds, tf.int32)}
 

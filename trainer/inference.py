@@ -7,6 +7,7 @@ accumulates the same metric state as training does and computes the same values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,9 +19,10 @@ from data_pipeline import manifest as mf
 from data_pipeline import reader
 from data_pipeline.errors import DataError
 from trainer import config as config_lib
-from trainer import export
+from trainer import evaluation, export
 from trainer.metrics import compute
 from trainer.metrics import state as metric_state
+from trainer.steps import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +39,50 @@ def load_predictor(model_dir: str, source: str = "auto"):
     Returns:
       (predict_fn [N, F] -> [N, L] probabilities, label_names, thresholds, info dict from run_info.json).
     """
+    return _load_predictor(_read_run(model_dir), source)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The files of a model directory that describe its run, read once."""
+
+    model_dir: str
+    info: dict  # run_info.json
+    cfg: config_lib.Config  # config.yaml
+
+
+def _read_run(model_dir: str) -> _Run:
     info_path = os.path.join(model_dir, "run_info.json")
     if not os.path.exists(info_path):
         raise FileNotFoundError(f"{model_dir}: not a model directory (no run_info.json); train one first")
     with open(info_path) as f:
         info = json.load(f)
-    export_dir = os.path.join(model_dir, "export")
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    return _Run(model_dir, info, config_lib.load_config(os.path.join(model_dir, "config.yaml")))
+
+
+def _load_predictor(run: _Run, source: str):
+    export_dir = os.path.join(run.model_dir, "export")
+    latest = tf.train.latest_checkpoint(os.path.join(run.model_dir, "checkpoints"))
     if source == "auto":
         source = "export" if _export_is_current(export_dir, latest) else "checkpoint" if latest else "export"
     if source == "export":
         if not os.path.exists(os.path.join(export_dir, export.SAVED_MODEL)):
             raise FileNotFoundError(f"{export_dir}: no exported model (training did not finish?)")
         fn, names, thresholds = export.load_export(export_dir)
-        return fn, names, thresholds, info
+        return fn, names, thresholds, run.info
     if latest is None:
-        raise FileNotFoundError(f"{model_dir}/checkpoints: no checkpoint")
+        raise FileNotFoundError(f"{run.model_dir}/checkpoints: no checkpoint")
     from trainer.model import build_model
 
-    cfg = config_lib.load_config(os.path.join(model_dir, "config.yaml"))
-    model = build_model(info["num_features"], info["num_labels"], cfg.model)
+    model = build_model(run.info["num_features"], run.info["num_labels"], run.cfg.model)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    names = info["label_names"]
+    names = run.info["label_names"]
     thresholds_path = os.path.join(export_dir, export.THRESHOLDS_FILE)
     thresholds = compute.load_thresholds(thresholds_path, names) if os.path.exists(thresholds_path) else \
         np.full(len(names), 0.5, np.float32)
-    predict = tf.function(lambda x: tf.sigmoid(tf.cast(model(x, training=False), tf.float32)))
+    predict = tf.function(lambda x: probabilities(model, x))
     log.info("loaded %s", latest)
-    return (lambda x: predict(tf.convert_to_tensor(x, tf.float32)).numpy()), names, thresholds, info
+    return (lambda x: predict(tf.convert_to_tensor(x, tf.float32)).numpy()), names, thresholds, run.info
 
 
 def _export_is_current(export_dir: str, latest_checkpoint: str | None) -> bool:
@@ -104,26 +122,23 @@ def _check_shape(data_dir: str, info: dict) -> None:
 
 
 def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str | None, source: str,
-                     batch_size: int, num_bins: int | None = None) -> compute.MetricsResult:
+                     batch_size: int) -> compute.MetricsResult:
     """Evaluates a model directory on a dataset split; writes metrics JSON and per-label CSV, prints a table.
 
-    ``num_bins`` defaults to the run's metrics.num_bins: the histogram resolution changes the AUCs a little,
-    and ``evaluate`` must give the numbers training reported for the same model and data.
+    The histograms have the run's metrics.num_bins: the resolution changes the AUCs a little, and
+    ``evaluate`` must give the numbers training reported for the same model and data.
     """
-    predict, names, thresholds, info = load_predictor(model_dir, source)
-    if num_bins is None:
-        num_bins = config_lib.load_config(os.path.join(model_dir, "config.yaml")).metrics.num_bins
+    run = _read_run(model_dir)
+    predict, names, thresholds, info = _load_predictor(run, source)
     _check_shape(data_dir, info)
     split = default_split(data_dir, split)
-    update = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins))
-    acc = metric_state.zero_state(len(names), num_bins)
-    try:
-        for x, y in _ordered_batches(data_dir, split, batch_size):
-            probs = predict(x)
-            acc = metric_state.accumulate(acc, {k: v.numpy() for k, v in update(y, probs).items()})
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-        raise reader.explain_data_error(data_dir, split, e) from None
-    result = compute.compute_metrics(acc, names, thresholds, info.get("label_counts"))
+    num_bins = run.cfg.metrics.num_bins
+    batch_state = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins))
+    state = evaluation.sum_metric_state(_ordered_batches(data_dir, split, batch_size),
+                                        lambda batch: batch_state(batch[1], predict(batch[0])),
+                                        metric_state.zero_state(len(names), num_bins),
+                                        evaluation.EvalSource(data_dir, split))
+    result = compute.compute_metrics(state, names, thresholds, info.get("label_counts"))
     out = out or os.path.join(model_dir, f"metrics-{split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

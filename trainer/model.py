@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.backends import tf_variable
 from trainer.config import ModelConfig, OptimizerConfig
 
 
@@ -173,7 +174,7 @@ class _FusedAdamUpdate:
         dtype = variable.dtype
         step = tf.cast(self.iterations + 1, dtype)
         index = self._get_variable_index(variable)
-        m, v = (_tf_variable(s[index]) for s in (self._momentums, self._velocities))
+        m, v = (tf_variable(s[index]) for s in (self._momentums, self._velocities))
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(beta_1, step),
@@ -187,10 +188,6 @@ class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
 
 class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
     """keras.optimizers.AdamW with the fused update (checkpoint-compatible: same variables)."""
-
-
-def _tf_variable(v):
-    return v.value if isinstance(v, keras.Variable) else v
 
 
 def build_optimizer(cfg: OptimizerConfig, global_batch_size: int, total_steps: int,

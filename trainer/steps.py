@@ -1,13 +1,19 @@
-"""The training and evaluation steps, written once for every backend.
+"""The training and evaluation steps and the prediction function, written once for every backend.
 
 A replica step computes the loss of its share of the global batch divided by the *global* batch size (so
 summing gradients over replicas gives the mean gradient), lets the backend reduce gradients where the
 optimizer does not, and applies them. Statistics leave the step as sums, reduced over all replicas and
 workers by the backend, so every reported number is global, never one rank's share.
+
+How a replica gets its (x, y) is decided in one place, ``replica_batch``: today the backend's distributed
+iterator hands every replica its own batch. An input mode whose data sits in host or device memory would
+hand out batch indices instead and gather the rows there; features may be dense tensors or tf.SparseTensors,
+which the step passes to the model as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import keras
@@ -15,16 +21,42 @@ import tensorflow as tf
 
 from trainer.backends import Backend
 
-# Order of the numbers a train call returns (one small vector: one all-reduce per step).
-TRAIN_STATS = ("loss_sum", "examples", "non_finite_steps", "stop_requests", "save_requests")
-# Requests a process makes at the start of a call; summed over processes, so every process acts on them
-# together (MultiWorkerMirroredStrategy needs every worker to take part in a save).
-REQUESTS = ("stop", "save")
+
+@dataclasses.dataclass(frozen=True)
+class CallStats:
+    """What one train call reports: global sums over its steps, replicas and workers."""
+
+    loss_sum: float  # sum of per-example losses (regularisation not included)
+    examples: float
+    non_finite_steps: float  # steps whose loss was NaN/Inf (the optimizer skipped their update)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.examples, 1.0)
+
+
+_CALL_STATS = tuple(f.name for f in dataclasses.fields(CallStats))
+
+
+def inference_logits(model: keras.Model, x) -> tf.Tensor:
+    """The model's float32 logits for prediction (no dropout; an ensemble's mean-probability logits)."""
+    return tf.cast(model(x, training=False), tf.float32)
+
+
+def probabilities(model: keras.Model, x) -> tf.Tensor:
+    """The model's per-label probabilities: what evaluation, ``predict`` and the serving export return."""
+    return tf.sigmoid(inference_logits(model, x))
+
+
+def replica_batch(element):
+    """The (features, labels) a replica trains on, from what the call handed it (see module docstring)."""
+    x, y = element
+    return x, y
 
 
 def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn,
-                        global_batch_size: int, jit_compile: bool = False) -> Callable:
-    """Builds ``train(iterator, num_steps, requests) -> tf.Tensor[len(TRAIN_STATS)]``.
+                        global_batch_size: int, jit_compile: bool = False) -> Callable[..., CallStats]:
+    """Builds ``train_call(iterator, num_steps) -> CallStats``.
 
     Args:
       backend: the distribution backend.
@@ -35,9 +67,9 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
       jit_compile: XLA-compile the forward and backward pass.
 
     Returns:
-      A tf.function running ``num_steps`` steps and returning the global sums of TRAIN_STATS; the
-      ``requests`` floats (REQUESTS: 1.0 after SIGTERM, 1.0 when this process' checkpoint timer is due)
-      are summed too, so all processes stop or save together.
+      A function running ``num_steps`` steps, each on the next element of ``iterator`` (from
+      backend.distribute_dataset), and returning their global statistics. The statistics of a step travel
+      as one small vector (one all-reduce); they are named only here, when the call returns.
     """
     trainable = model.trainable_variables
 
@@ -54,24 +86,27 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
     if jit_compile:
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(x, y, requests):
+    def replica_step(element):
+        x, y = replica_batch(element)
         grads, per_example, loss = forward_backward(x, y)
         grads = backend.sync_non_finite(backend.reduce_gradients(grads))
         optimizer.apply_gradients(zip(grads, trainable))
-        return tf.stack([tf.reduce_sum(per_example), tf.cast(tf.shape(per_example)[0], tf.float32),
-                         tf.cast(~tf.math.is_finite(loss), tf.float32), requests[0], requests[1]])
+        stats = {"loss_sum": tf.reduce_sum(per_example), "examples": tf.cast(tf.shape(per_example)[0], tf.float32),
+                 "non_finite_steps": tf.cast(~tf.math.is_finite(loss), tf.float32)}
+        return tf.stack([stats[name] for name in _CALL_STATS])
 
     @tf.function
-    def train(iterator, num_steps, requests):
-        totals = tf.zeros([len(TRAIN_STATS)], tf.float32)
-        for i in tf.range(num_steps):
-            x, y = next(iterator)
-            # Only the first step of a call carries the requests, so each is counted once.
-            step_requests = tf.where(i == 0, requests, tf.zeros_like(requests))
-            totals += backend.reduce_sum(backend.run(replica_step, (x, y, step_requests)))
+    def train_steps(iterator, num_steps):
+        totals = tf.zeros([len(_CALL_STATS)], tf.float32)
+        for _ in tf.range(num_steps):
+            totals += backend.reduce_sum(backend.run(replica_step, (next(iterator),)))
         return totals
 
-    return train
+    def train_call(iterator, num_steps: int) -> CallStats:
+        totals = train_steps(iterator, tf.constant(num_steps)).numpy().tolist()
+        return CallStats(**dict(zip(_CALL_STATS, totals)))
+
+    return train_call
 
 
 def make_eval_function(backend: Backend, model: keras.Model, loss_fn, state_fn: Callable) -> Callable:
@@ -84,33 +119,18 @@ def make_eval_function(backend: Backend, model: keras.Model, loss_fn, state_fn: 
       state_fn: (labels, probabilities) -> dict of additive metric-state tensors.
 
     Returns:
-      A tf.function returning the state summed over the replicas of this call (and over workers for
-      tf.distribute; Horovod ranks are summed once at the end with backend.finish_reduce, because ranks
-      may hold different numbers of eval batches and a per-batch allreduce would hang).
+      A tf.function returning the state of one batch plus ``loss_sum``, summed by
+      backend.reduce_eval_batch (the caller completes the sum with backend.reduce_eval_total).
     """
 
     def replica_eval(x, y):
-        logits = tf.cast(model(x, training=False), tf.float32)
+        logits = inference_logits(model, x)  # once for both: the probabilities and the loss
         state = dict(state_fn(y, tf.sigmoid(logits)))
         state["loss_sum"] = tf.reduce_sum(loss_fn(y, logits))
         return state
 
     @tf.function
     def evaluate(batch):
-        x, y = batch
-        out = backend.run(replica_eval, (x, y))
-        if backend.name == "horovod":
-            return out
-        return backend.reduce_sum(out)
+        return backend.reduce_eval_batch(backend.run(replica_eval, batch))
 
     return evaluate
-
-
-def make_predict_function(model: keras.Model) -> Callable:
-    """Builds ``predict(x) -> probabilities`` (float32) for one device."""
-
-    @tf.function
-    def predict(x):
-        return tf.sigmoid(tf.cast(model(x, training=False), tf.float32))
-
-    return predict

@@ -1,8 +1,17 @@
-"""The training loop: one code path for every backend, in named sections.
+"""The training loop: one code path for every backend, in four named parts.
 
-Sections of ``train``: runtime (precision, backend, determinism) -> data -> model, loss, optimizer ->
-resume (model, optimizer, counters, input position, in that order) -> loop (steps, logs, checkpoints,
-evaluation, SIGTERM) -> finish (final checkpoint, evaluation, thresholds, export, hparams).
+``train`` = ``_set_up`` -> ``_resume`` -> ``_loop`` -> ``_finish``:
+
+- ``_set_up``: runtime (precision, backend, determinism) -> data and the run's length (``_Plan``) -> model,
+  loss, optimizer, counters (``Position``) -> train and eval functions, checkpoint keeper, summaries. Every
+  check that needs no step runs here, before anything is written.
+- ``_resume``: the latest checkpoint (model, optimizer, counters and so the input position, in one restore),
+  handed to every process, then config.yaml and run_info.json.
+- ``_loop``: train calls of up to ``train.steps_per_call`` steps over each epoch's input; after every call
+  ``_after_call`` does the call's bookkeeping: progress, the NaN stop, the requests every process agrees on
+  (stop after SIGTERM/SIGINT, timed save), log line, checkpoint, evaluation, early stopping.
+- ``_finish``: the last checkpoint; unless stopped by a signal, the final evaluation, thresholds, export and
+  hparams.
 """
 
 from __future__ import annotations
@@ -12,8 +21,9 @@ import json
 import logging
 import os
 import signal
-import sys
+import threading
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -27,7 +37,8 @@ from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
 from trainer.losses import MultiLabelLoss
 from trainer.model import build_model, build_optimizer, prior_log_odds
-from trainer.steps import TRAIN_STATS, make_train_function
+from trainer.progress import LogWindow, ProgressBar
+from trainer.steps import CallStats, make_train_function
 from trainer.summaries import SummaryWriters
 
 log = logging.getLogger(__name__)
@@ -45,39 +56,13 @@ class TrainResult:
     export_dir: str | None
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; read after every train call (and shared with the other processes there)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def install(self) -> None:
-        if threading_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        """Puts the handlers back that were there before install (train() called from a library, a
-        notebook or the tests must not leave Ctrl-C swallowed by a finished run's flag)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing and stopping after the current step", signum)
-        self.requested = True
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: str | None = None,
           backend: Backend | None = None) -> TrainResult:
     """Trains (or resumes training) a model.
+
+    SIGTERM or SIGINT stops training at the end of the current call (at most train.steps_per_call steps),
+    writes one checkpoint and returns with ``stopped_by_signal``; a second signal ends the process at once,
+    without a checkpoint, with exit status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT).
 
     Args:
       cfg: the validated config.
@@ -92,13 +77,160 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
     stop = _StopFlag()
     stop.install()
     try:
-        return _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop)
+        run = _set_up(cfg, data_dir, model_dir, eval_data_dir, backend)
+        _resume(run)
+        with ProgressBar(run.plan.total_steps, run.plan.steps_per_epoch, run.position.step) as run.bar:
+            ended_by = _loop(run, stop)
+            return _finish(run, ended_by)
     finally:
         stop.uninstall()
 
 
-def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) -> TrainResult:
-    # --- Runtime: precision policy, backend, determinism -----------------------------------------------
+class _StopFlag:
+    """SIGTERM/SIGINT while training: the first sets ``requested`` (read after every train call and agreed on by
+    every process there); the second ends the process at once with exit status 128 + the signal's number.
+
+    Python runs signal handlers only between bytecodes of the main thread, which may sit in one TensorFlow
+    call for a long time (a train call, a checkpoint). So the handlers do nothing themselves: the signal
+    module's wake-up file descriptor receives every signal's number at once, and a watcher thread acts on it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous_handlers: dict = {}
+        self._previous_wakeup_fd = -1
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Signals reach the main thread only; a run in another thread keeps the caller's handling.
+        self._pipe = os.pipe()
+        os.set_blocking(self._pipe[1], False)
+        self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), name="signal-watcher",
+                                         daemon=True)
+        self._watcher.start()
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            self._previous_handlers[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Puts back the handlers that were there before install (train() called from a library, a notebook
+        or the tests must not leave Ctrl-C swallowed by a finished run's flag)."""
+        if self._pipe is None:
+            return
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        os.close(self._pipe[1])  # The watcher reads end-of-file and returns.
+        self._watcher.join()
+        os.close(self._pipe[0])
+        self._previous_handlers, self._pipe, self._watcher = {}, None, None
+
+    def _handle(self, signum, frame) -> None:
+        """Installed for SIGTERM/SIGINT so that they neither kill nor raise; the watcher acts on them."""
+
+    def _watch(self, read_fd: int) -> None:
+        while signums := os.read(read_fd, 64):
+            for signum in signums:
+                if signum not in self.SIGNALS:
+                    continue
+                if self.requested:
+                    os.write(2, f"\nreceived signal {signum} again: exiting now, without a checkpoint\n".encode())
+                    os._exit(128 + signum)
+                self.requested = True
+                log.warning("received signal %d: stopping at the end of the current call with a checkpoint (a "
+                            "second signal stops at once, without one)", signum)
+
+
+# --- Set-up ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The run's length, fixed before the first step (the learning-rate schedule spans it)."""
+
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+class Position:
+    """Where training is: the global step, the epoch, and the steps already taken in that epoch (the input
+    position, so a resumed run continues the epoch at the right record).
+
+    Held once, in tf.Variables created under the backend's scope: they are checkpointed, restored and
+    broadcast with the model, and the loop reads and moves them only through this class.
+    """
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self._in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+
+    def trackables(self) -> dict:
+        """The checkpoint entries (their names are the checkpoint's keys)."""
+        return {"step": self._step, "epoch": self._epoch, "step_in_epoch": self._in_epoch}
+
+    @property
+    def step(self) -> int:
+        return int(self._step.numpy())
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.numpy())
+
+    @property
+    def in_epoch(self) -> int:
+        return int(self._in_epoch.numpy())
+
+    def advance(self, steps: int) -> bool:
+        """Counts ``steps`` more steps; returns whether they ended the epoch (the next one then starts)."""
+        self._step.assign(self.step + steps)
+        return self._start_next_epoch_if_done(self.in_epoch + steps)
+
+    def _start_next_epoch_if_done(self, in_epoch: int) -> bool:
+        done = in_epoch >= self.steps_per_epoch
+        if done:
+            self._epoch.assign(self.epoch + 1)
+        self._in_epoch.assign(0 if done else in_epoch)
+        return done
+
+    def after_restore(self) -> None:
+        """A checkpoint taken at an epoch's end by an older version, or with a larger batch size (fewer steps
+        per epoch), is past its epoch: continue with the next one."""
+        self._start_next_epoch_if_done(self.in_epoch)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop works with (made by _set_up)."""
+
+    cfg: config_lib.Config
+    data_dir: str
+    model_dir: str
+    backend: Backend
+    precision: str
+    manifest: mf.Manifest
+    plan: _Plan
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    position: Position
+    train_call: Callable[..., CallStats]
+    keeper: CheckpointKeeper
+    evaluator: evaluation.Evaluator | None
+    eval_source: evaluation.EvalSource | None
+    early_stopping: evaluation.EarlyStopping
+    last_eval: tuple[int, evaluation.EvalResult] | None = None
+    writers: SummaryWriters | None = None
+    window: LogWindow = dataclasses.field(default_factory=LogWindow)
+    bar: ProgressBar | None = None
+
+
+def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
+    # Runtime: precision policy, backend, determinism.
     policy = precision.apply_policy(cfg.train.precision)
     backend = backend or make_backend(cfg.train.distribution, cfg.horovod.fp16_compression)
     if not backend.is_chief:  # One progress log per job: the chief's.
@@ -107,160 +239,234 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
         keras.utils.set_random_seed(cfg.train.seed)
         tf.config.experimental.enable_op_determinism()
 
-    # --- Data --------------------------------------------------------------------------------------------
+    # Data, the run's length, what to evaluate on; a model directory of another run is refused here.
     manifest = mf.read_manifest(data_dir)
     train_info = manifest.split(cfg.data.train_split, data_dir)
-    global_batch = cfg.train.batch_size
-    if global_batch % backend.num_replicas:
-        raise config_lib.ConfigError(f"train.batch_size: {global_batch} is not divisible by the "
-                                     f"{backend.num_replicas} replicas")
-    train_examples = int(train_info.num_examples * (1.0 - cfg.data.validation_fraction))
-    steps_per_epoch = max(1, train_examples // global_batch)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    plan = _make_plan(cfg, train_info.num_examples, backend)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
+    _check_run_info(model_dir, manifest, cfg)
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
 
-    # The same options every epoch: the epoch number enters make_dataset's shuffle seed separately.
-    train_options = reader.ReaderOptions(
-        shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
-        deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache,
-        drop_remainder=True, cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
-        on_bad_features=cfg.data.on_bad_features,
-        holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
-
-    # --- Model, loss, optimizer ----------------------------------------------------------------------------
+    # Model, loss, optimizer, counters.
     with backend.scope():
         output_bias = prior_log_odds(train_info.label_counts, train_info.num_examples) \
             if cfg.model.output_bias == "prior" else None
         model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=cfg.train.seed,
                             output_bias=output_bias)
-        optimizer = build_optimizer(cfg.optimizer, global_batch, total_steps,
+        optimizer = build_optimizer(cfg.optimizer, plan.global_batch, plan.total_steps,
                                     loss_scale=policy == "mixed_float16")
         # Build optimizer variables now, under the scope: building them lazily inside strategy.run fails
         # under MirroredStrategy (see README, Keras 3 notes), and restore needs them to exist.
         optimizer.build(model.trainable_variables)
-        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        in_epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+        position = Position(plan.steps_per_epoch)
     loss_fn = MultiLabelLoss(cfg.loss, manifest.num_labels, train_info.label_counts, train_info.num_examples)
-    train_fn = make_train_function(backend, model, optimizer, loss_fn, global_batch, cfg.train.jit_compile)
+
+    # Train and eval functions, checkpoints.
+    train_call = make_train_function(backend, model, optimizer, loss_fn, plan.global_batch, cfg.train.jit_compile)
     evaluator = evaluation.Evaluator(backend, model, loss_fn, manifest, cfg) if eval_source else None
-
-    # --- Resume: model, optimizer, counters, input position ----------------------------------------------
     keeper = CheckpointKeeper(model_dir, backend, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds,
-                              cfg.checkpoint.keep, model=model, optimizer=optimizer, step=step_var,
-                              epoch=epoch_var, step_in_epoch=in_epoch_var)
-    _check_run_info(model_dir, manifest, cfg)
-    if backend.name != "horovod" or backend.is_chief:
-        keeper.restore()
-    # Horovod: rank 0 restored (or initialised); every rank starts from its values.
-    backend.broadcast_initial_state(list(model.variables) + list(optimizer.variables)
-                                    + [step_var, epoch_var, in_epoch_var])
-    step = int(step_var.numpy())
-    keeper.last_step = step  # The checkpoint just restored needs no second copy at the first step.
+                              cfg.checkpoint.keep, model=model, optimizer=optimizer, **position.trackables())
+    early_stopping = evaluation.EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_metric)
+    return _Run(cfg, data_dir, model_dir, backend, policy, manifest, plan, model, optimizer, position, train_call,
+                keeper, evaluator, eval_source, early_stopping)
+
+
+def _make_plan(cfg, num_train_records: int, backend: Backend) -> _Plan:
+    global_batch = cfg.train.batch_size
+    if global_batch % backend.num_replicas:
+        raise config_lib.ConfigError(f"train.batch_size: {global_batch} is not divisible by the "
+                                     f"{backend.num_replicas} replicas")
+    train_examples = int(num_train_records * (1.0 - cfg.data.validation_fraction))
+    steps_per_epoch = max(1, train_examples // global_batch)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return _Plan(global_batch, steps_per_epoch, total_steps)
+
+
+# --- Resume ----------------------------------------------------------------------------------------------------
+
+def _resume(run: _Run) -> None:
+    """Restores model, optimizer and counters (one checkpoint: the input position comes with the counters),
+    gives every process the same start, then records the run's config and shape in the model directory."""
+    backend, position = run.backend, run.position
+    if backend.restores_checkpoints:
+        run.keeper.restore()
+    backend.broadcast_initial_state(list(run.model.variables) + list(run.optimizer.variables)
+                                    + list(position.trackables().values()))
+    position.after_restore()
+    step = position.step
+    run.keeper.last_step = step  # The checkpoint just restored needs no second copy at the first step.
     if backend.is_chief:
-        config_lib.save_config(cfg, os.path.join(model_dir, "config.yaml"))
-        _write_run_info(model_dir, manifest, cfg, data_dir)
-    writers = SummaryWriters(os.path.join(model_dir, "logs"), enabled=backend.is_chief)
+        config_lib.save_config(run.cfg, os.path.join(run.model_dir, "config.yaml"))
+        _write_run_info(run.model_dir, run.manifest, run.cfg, run.data_dir)
+    run.writers = SummaryWriters(os.path.join(run.model_dir, "logs"), enabled=backend.is_chief)
     log.info("%s: %d replica(s), %d worker(s), precision %s, global batch %d, %d steps/epoch, %s step %d of %d",
-             backend.name, backend.num_replicas, backend.num_workers, policy, global_batch, steps_per_epoch,
-             "resuming at" if step else "starting at", step, total_steps)
+             backend.name, backend.num_replicas, backend.num_workers, run.precision, run.plan.global_batch,
+             run.plan.steps_per_epoch, "resuming at" if step else "starting at", step, run.plan.total_steps)
 
-    def evaluate_and_log(at_step: int) -> evaluation.EvalResult:
-        result = evaluator.run(eval_source)
-        if cfg.metrics.per_label_summaries:
-            writers.eval_results(at_step, result.metrics, manifest.label_names, cfg.metrics.pr_curve_labels or None,
-                                 cfg.metrics.num_worst_labels)
-        else:
-            writers.scalars("eval", at_step, {f"metrics/{k}": v for k, v in result.metrics.aggregates.items()})
-        writers.scalars("eval", at_step, {"loss": result.loss})
-        log.info("eval step %d: %s", at_step, evaluation.summary_line(result))
-        return result
 
-    # --- Loop ------------------------------------------------------------------------------------------------
-    replicas_per_pipeline = backend.num_replicas // backend.num_workers
-    stopped_by_signal = False
-    best = evaluation.EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_metric)
-    last_eval_step = -1
-    window = _Window()
-    while step < total_steps and not stopped_by_signal and not best.should_stop:
-        epoch, in_epoch = int(epoch_var.numpy()), int(in_epoch_var.numpy())
-        if in_epoch >= steps_per_epoch:  # The batch size changed since the checkpoint: next epoch.
-            epoch, in_epoch = epoch + 1, 0
-        skip = in_epoch * replicas_per_pipeline
+# --- Loop ------------------------------------------------------------------------------------------------------
 
-        def dataset_fn(ctx, epoch=epoch, skip=skip):
-            return reader.make_dataset(data_dir, cfg.data.train_split, ctx.get_per_replica_batch_size(global_batch),
-                                       ctx, train_options, epoch=epoch, skip_batches=skip)
+def _loop(run: _Run, stop: _StopFlag) -> str:
+    """Trains until the end of the run; returns what ended it: "end", "signal" or "early_stopping" (a NaN
+    loss raises TrainingError)."""
+    iterator, iterator_epoch = None, None
+    while run.position.step < run.plan.total_steps:
+        epoch = run.position.epoch
+        if epoch != iterator_epoch:
+            iterator, iterator_epoch = _epoch_input(run), epoch
+        steps = _steps_this_call(run)
+        started = time.perf_counter()
+        try:
+            stats = run.train_call(iterator, steps)
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+            raise reader.explain_data_error(run.data_dir, run.cfg.data.train_split, e) from None
+        ended_by = _after_call(run, stop, stats, steps, epoch, time.perf_counter() - started)
+        if ended_by:
+            return ended_by
+    return "end"
 
-        iterator = iter(backend.distribute_dataset(dataset_fn))
-        while in_epoch < steps_per_epoch and step < total_steps:
-            n = _steps_this_call(step, in_epoch, steps_per_epoch, total_steps, cfg)
-            t0 = time.perf_counter()
-            try:
-                requests = tf.constant([float(stop.requested), float(keeper.time_due())])
-                stats = train_fn(iterator, tf.constant(n), requests)
-                stats = dict(zip(TRAIN_STATS, stats.numpy().tolist()))
-            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-                raise reader.explain_data_error(data_dir, cfg.data.train_split, e) from None
-            step, in_epoch = step + n, in_epoch + n
-            step_var.assign(step)
-            epoch_var.assign(epoch)
-            in_epoch_var.assign(in_epoch)
-            window.add(stats, n, time.perf_counter() - t0)
-            _progress_bar(step, total_steps, stats, time.perf_counter() - t0, n)
-            if stats["non_finite_steps"] > 0:
-                # The loss-scale optimizer skipped the non-finite update, so the weights are still the last
-                # good ones: save them, then stop.
-                path = keeper.save(step)
-                raise TrainingError(f"loss became NaN/Inf at step {step}: stopped; last good weights saved "
-                                    f"in {path or keeper.chief_dir} (lower optimizer.learning_rate, or check "
-                                    "the data with 'python -m data_pipeline inspect')")
-            if stats["stop_requests"] > 0:
-                stopped_by_signal = True
-            if step % cfg.train.log_every_steps < n or step == total_steps:
-                _log_progress(writers, window, step, total_steps, epoch, optimizer, policy)
-            if keeper.steps_due(step) or stats["save_requests"] > 0 or stopped_by_signal:
-                keeper.save(step)
-            if evaluator and not stopped_by_signal and _eval_due(step, in_epoch, steps_per_epoch, total_steps, cfg):
-                result = evaluate_and_log(step)
-                last_eval_step = step
-                best.update(step, result, model)
-                if best.should_stop:
-                    log.info("early stopping at step %d: no %s improvement for %d evaluations (best %.4f at "
-                             "step %d)", step, best.metric, best.patience, best.best_value, best.best_step)
-                    break
-        if in_epoch >= steps_per_epoch:
-            epoch_var.assign(epoch + 1)
-            in_epoch_var.assign(0)
 
-    # --- Finish: checkpoint, evaluation, thresholds, export, hparams ------------------------------------------
-    if keeper.last_step != step:
-        keeper.save(step)
-    final_metrics, export_dir = {}, None
-    if not stopped_by_signal:
+def _epoch_input(run: _Run):
+    """This process' iterator over the current epoch, from the epoch's position on (a resumed run skips the
+    batches its steps already took). The epoch number enters the reader's shuffle seed."""
+    cfg, position = run.cfg, run.position
+    options = reader.ReaderOptions(
+        shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
+        deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache, drop_remainder=True,
+        cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
+        on_bad_features=cfg.data.on_bad_features, holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
+    epoch, skip = position.epoch, position.in_epoch * run.backend.local_replicas
+
+    def dataset_fn(ctx):
+        return reader.make_dataset(run.data_dir, cfg.data.train_split,
+                                   ctx.get_per_replica_batch_size(run.plan.global_batch), ctx, options, epoch=epoch,
+                                   skip_batches=skip)
+
+    return iter(run.backend.distribute_dataset(dataset_fn))
+
+
+def _steps_this_call(run: _Run) -> int:
+    """Steps in the next call: up to steps_per_call, never past an epoch, a log line, an evaluation, a
+    checkpoint or the end."""
+    cfg, step = run.cfg, run.position.step
+    n = min(cfg.train.steps_per_call, run.plan.steps_per_epoch - run.position.in_epoch,
+            run.plan.total_steps - step)
+    for every in (cfg.train.log_every_steps, cfg.train.eval_every_steps, cfg.checkpoint.every_steps):
+        if every:
+            n = min(n, every - step % every)
+    return max(1, n)
+
+
+def _after_call(run: _Run, stop: _StopFlag, stats: CallStats, steps: int, epoch: int, seconds: float) -> str | None:
+    """One call's bookkeeping, in this order: counters, progress line, NaN stop, the requests all processes
+    agree on, log line, checkpoint, then (unless stopping) evaluation and early stopping. Returns what ends
+    the loop, if anything."""
+    epoch_ended = run.position.advance(steps)
+    step = run.position.step
+    run.window.add(stats.loss_sum, stats.examples, steps, seconds)
+    run.bar.update(step, epoch, stats.mean_loss, stats.examples / max(seconds, 1e-9))
+    if stats.non_finite_steps > 0:
+        _stop_on_non_finite_loss(run, step)
+    stop_requested, save_requested = run.backend.any_process([stop.requested, run.keeper.time_due()])
+    if step % run.cfg.train.log_every_steps < steps or step == run.plan.total_steps:
+        _log_progress(run, step, epoch)
+    if stop_requested or save_requested or run.keeper.steps_due(step):
+        run.keeper.save(step)
+    if stop_requested:
+        return "signal"
+    if run.evaluator and _eval_due(run, step, epoch_ended):
+        run.early_stopping.update(step, _evaluate(run, step), run.model)
+        if run.early_stopping.should_stop:
+            best = run.early_stopping
+            log.info("early stopping at step %d: no %s improvement for %d evaluations (best %.4f at step %d)",
+                     step, best.metric, best.patience, best.best_value, best.best_step)
+            return "early_stopping"
+    return None
+
+
+def _stop_on_non_finite_loss(run: _Run, step: int) -> None:
+    # The loss-scale optimizer skipped the non-finite update, so the weights are still the last good ones:
+    # save them, then stop.
+    path = run.keeper.save(step)
+    raise TrainingError(f"loss became NaN/Inf at step {step}: stopped; last good weights saved in "
+                        f"{path or run.keeper.chief_dir} (lower optimizer.learning_rate, or check the data with "
+                        "'python -m data_pipeline inspect')")
+
+
+def _eval_due(run: _Run, step: int, epoch_ended: bool) -> bool:
+    if step == run.plan.total_steps:
+        return False  # The final evaluation runs in _finish.
+    if run.cfg.train.eval_every_steps:
+        return step % run.cfg.train.eval_every_steps == 0
+    return epoch_ended
+
+
+def _evaluate(run: _Run, step: int) -> evaluation.EvalResult:
+    """One evaluation pass, written to the eval summaries and the log."""
+    result = run.evaluator.run(run.eval_source)
+    metrics_cfg = run.cfg.metrics
+    if metrics_cfg.per_label_summaries:
+        run.writers.eval_results(step, result.metrics, run.manifest.label_names, metrics_cfg.pr_curve_labels or None,
+                                 metrics_cfg.num_worst_labels)
+    else:
+        run.writers.scalars("eval", step, {f"metrics/{k}": v for k, v in result.metrics.aggregates.items()})
+    run.writers.scalars("eval", step, {"loss": result.loss})
+    log.info("eval step %d: %s", step, evaluation.summary_line(result))
+    run.last_eval = (step, result)
+    return result
+
+
+def _log_progress(run: _Run, step: int, epoch: int) -> None:
+    window, optimizer = run.window, run.optimizer
+    schedule = optimizer.inner_optimizer.learning_rate
+    lr = float(schedule.numpy()) if hasattr(schedule, "numpy") else float(optimizer.learning_rate)
+    values = {"loss": window.mean_loss, "learning_rate": lr, "examples_per_second": window.examples_per_second,
+              "step_time_ms": window.step_ms, "epoch": epoch}
+    if run.precision == "mixed_float16":
+        values["loss_scale"] = float(optimizer.dynamic_scale.numpy())
+    run.writers.scalars("train", step, values)
+    log.info(f"step {step}/{run.plan.total_steps} epoch {epoch + 1} loss {window.mean_loss:.5f} lr {lr:.3g} "
+             f"{window.examples_per_second:,.0f} ex/s {window.step_ms:.1f} ms/step")
+    window.reset()
+
+
+# --- Finish ----------------------------------------------------------------------------------------------------
+
+def _finish(run: _Run, ended_by: str) -> TrainResult:
+    """The last checkpoint; unless a signal stopped the run: final evaluation, thresholds, export, hparams."""
+    step = run.position.step
+    if run.keeper.last_step != step:
+        run.keeper.save(step)
+    result = TrainResult(step, stopped_by_signal=ended_by == "signal", final_metrics={}, export_dir=None)
+    if not result.stopped_by_signal:
         thresholds = None
-        if evaluator:
-            if best.restore_best(model):
-                result = best.best_result
-            elif last_eval_step == step:
-                result = best.last_result
-            else:
-                result = evaluate_and_log(step)
-            final_metrics = dict(result.metrics.aggregates)
-            if cfg.metrics.tune_thresholds:
-                thresholds = evaluator.tune_thresholds(result)
-        export_dir = os.path.join(model_dir, "export")
-        if backend.is_chief:
-            export.export_model(model, export_dir, manifest.label_names, thresholds)
-            log.info("exported the model to %s", export_dir)
-        writers.hparams(config_lib.flatten(config_lib.to_dict(cfg)), final_metrics)
-    writers.close()
-    _maybe_dump_weights(model, backend)
-    backend.barrier()
-    return TrainResult(step, stopped_by_signal, final_metrics, export_dir)
+        if run.evaluator:
+            final = _final_evaluation(run, step)
+            result.final_metrics = dict(final.metrics.aggregates)
+            if run.cfg.metrics.tune_thresholds:
+                thresholds = run.evaluator.tune_thresholds(final)
+        result.export_dir = os.path.join(run.model_dir, "export")
+        if run.backend.is_chief:
+            export.export_model(run.model, result.export_dir, run.manifest.label_names, thresholds)
+            log.info("exported the model to %s", result.export_dir)
+        run.writers.hparams(config_lib.flatten(config_lib.to_dict(run.cfg)), result.final_metrics)
+    run.writers.close()
+    _maybe_dump_weights(run.model, run.backend)
+    run.backend.barrier()
+    return result
+
+
+def _final_evaluation(run: _Run, step: int) -> evaluation.EvalResult:
+    """The evaluation of the weights that are exported: early stopping's best (its weights are put back) when
+    training ended on a worse one; otherwise the last step's, evaluated now unless the loop just did."""
+    best = run.early_stopping.restore_best(run.model)
+    if best is not None:
+        return best
+    if run.last_eval is not None and run.last_eval[0] == step:
+        return run.last_eval[1]
+    return _evaluate(run, step)
 
 
 def _maybe_dump_weights(model, backend: Backend) -> None:
@@ -271,69 +477,7 @@ def _maybe_dump_weights(model, backend: Backend) -> None:
         np.savez(pattern.format(worker=backend.worker_index), *model.get_weights())
 
 
-def _steps_this_call(step, in_epoch, steps_per_epoch, total_steps, cfg) -> int:
-    """Steps in the next call: up to steps_per_call, never past an epoch, log, eval or the end."""
-    n = min(cfg.train.steps_per_call, steps_per_epoch - in_epoch, total_steps - step)
-    for every in (cfg.train.log_every_steps, cfg.train.eval_every_steps, cfg.checkpoint.every_steps):
-        if every:
-            n = min(n, every - step % every)
-    return max(1, n)
-
-
-def _eval_due(step, in_epoch, steps_per_epoch, total_steps, cfg) -> bool:
-    if step == total_steps:
-        return False  # The final evaluation runs in the finish section.
-    if cfg.train.eval_every_steps:
-        return step % cfg.train.eval_every_steps == 0
-    return in_epoch == steps_per_epoch
-
-
-def _progress_bar(step: int, total: int, stats: dict, seconds: float, steps: int) -> None:
-    """A one-line progress bar, redrawn in place, on a terminal only (logs and pipes get the log lines)."""
-    if not sys.stderr.isatty():
-        return
-    done = int(30 * step / max(total, 1))
-    loss = stats["loss_sum"] / max(stats["examples"], 1.0)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.4f} "
-                     f"{stats['examples'] / max(seconds, 1e-9):,.0f} ex/s {1000 * seconds / steps:.1f} ms/step ")
-    sys.stderr.flush()
-
-
-class _Window:
-    """Accumulates train statistics between two log lines."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.loss_sum = self.examples = self.seconds = 0.0
-        self.steps = 0
-
-    def add(self, stats, steps, seconds):
-        self.loss_sum += stats["loss_sum"]
-        self.examples += stats["examples"]
-        self.seconds += seconds
-        self.steps += steps
-
-
-def _log_progress(writers, window, step, total_steps, epoch, optimizer, policy) -> None:
-    loss = window.loss_sum / max(window.examples, 1.0)
-    ex_s = window.examples / max(window.seconds, 1e-9)
-    step_ms = 1000.0 * window.seconds / max(window.steps, 1)
-    lr = float(optimizer.inner_optimizer.learning_rate.numpy()) if hasattr(
-        optimizer.inner_optimizer.learning_rate, "numpy") else float(optimizer.learning_rate)
-    values = {"loss": loss, "learning_rate": lr, "examples_per_second": ex_s, "step_time_ms": step_ms,
-              "epoch": epoch}
-    if policy == "mixed_float16":
-        values["loss_scale"] = float(optimizer.dynamic_scale.numpy())
-    writers.scalars("train", step, values)
-    if sys.stderr.isatty():
-        sys.stderr.write("\r")
-    msg = (f"step {step}/{total_steps} epoch {epoch + 1} loss {loss:.5f} lr {lr:.3g} {ex_s:,.0f} ex/s "
-           f"{step_ms:.1f} ms/step")
-    log.info(msg)
-    window.reset()
-
+# --- The model directory's record of the run -------------------------------------------------------------------
 
 def _run_info(manifest: mf.Manifest, cfg) -> dict:
     return {"num_features": manifest.num_features, "num_labels": manifest.num_labels,
@@ -362,5 +506,3 @@ def _check_run_info(model_dir, manifest, cfg) -> None:
     if diffs:
         raise config_lib.ConfigError(f"{model_dir}: holds a run of another shape ({'; '.join(diffs)}); use a new "
                                      "--model-dir, or the data and config it was started with")
-
-
