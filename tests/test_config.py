@@ -181,3 +181,71 @@ def test_cli_subprocess_missing_config_is_one_line_no_traceback(tmp_path, tiny_d
     assert lines == [f"error: {tmp_path / 'nope.yaml'}: config file not found"], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not model_dir.exists()
+
+
+# --- One definition of each value: the defaults and the shipped configs ------------------------------------------
+
+CONFIGS = REPO_ROOT / "configs"
+DERIVED = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "default.yaml")
+
+
+def _flat_file(path) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return config_lib.flatten(yaml.safe_load(f) or {})
+
+
+def _named_changes(path) -> set[str]:
+    """The keys the file's top comment names after "Changes from default.yaml:" (up to the next blank line)."""
+    top = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        top.append(line.lstrip("#").strip())
+    text = "\n".join(top)
+    assert "Changes from default.yaml:" in text, f"{path.name}: its top comment names no changes"
+    paragraph = text.split("Changes from default.yaml:", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"[a-z_]+\.[a-z_0-9]+", paragraph))
+
+
+def test_default_yaml_is_the_dataclass_defaults():
+    """configs/default.yaml writes out every key with the dataclass default: the two cannot drift apart, and
+    training without --config trains what default.yaml says."""
+    defaults = config_lib.flatten(config_lib.to_dict(config_lib.Config()))
+    written = _flat_file(CONFIGS / "default.yaml")
+    assert sorted(written) == sorted(defaults), "default.yaml must list every config key once"
+    assert load_config(str(CONFIGS / "default.yaml")) == config_lib.Config()
+    # The design's model: one 2048-2048-N MLP.
+    assert (defaults["model.hidden"], defaults["model.ensemble"]) == ([2048, 2048], 1)
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_shipped_config_changes_only_the_keys_its_top_comment_names(name):
+    """Every other config is default.yaml plus the changes its top comment names: it sets exactly those keys,
+    and each of them to a value other than the default (a key restated at its default would be a second
+    definition of that value)."""
+    path = CONFIGS / name
+    named = _named_changes(path)
+    defaults = config_lib.flatten(config_lib.to_dict(config_lib.Config()))
+    resolved = config_lib.flatten(config_lib.to_dict(load_config(str(path))))
+    changed = {k for k in defaults if resolved[k] != defaults[k]}
+    assert set(_flat_file(path)) == named, f"{name}: sets {sorted(_flat_file(path))}, names {sorted(named)}"
+    assert changed == named, f"{name}: differs from default.yaml in {sorted(changed)}, names {sorted(named)}"
+
+
+def test_distribution_configs_are_the_default_model_distributed():
+    for name, distribution in (("multi_gpu.yaml", "mirrored"), ("horovod.yaml", "horovod")):
+        assert _named_changes(CONFIGS / name) == {"train.distribution", "train.batch_size"}, name
+        assert load_config(str(CONFIGS / name)).train.distribution == distribution
+    assert _named_changes(CONFIGS / "ensemble.yaml") == {"model.ensemble"}
+
+
+def test_distribution_names_are_one_list():
+    from trainer.backends import DISTRIBUTIONS
+
+    assert config_lib.CHOICES["train.distribution"] == {"auto", *DISTRIBUTIONS}
+    for name in DISTRIBUTIONS:
+        assert load_config(None, [f"train.distribution={name}"]).train.distribution == name
+    with pytest.raises(ConfigError, match="train.distribution: 'gloo' is not one of auto, "):
+        load_config(None, ["train.distribution=gloo"])

@@ -331,8 +331,9 @@ def test_jit_compile_gives_the_same_training_as_without(tiny_data, tmp_path):
     states = {}
     for jit in (False, True):
         cfg = load_config(None, [f"train.jit_compile={str(jit).lower()}", "train.distribution=one_device",
-                                 "model.hidden=[16]", "train.batch_size=32", "train.max_steps=8",
-                                 "train.deterministic=true", "data.eval_split=''", "checkpoint.every_seconds=0"])
+                                 "model.hidden=[16]", "model.dropout=0.0", "train.batch_size=32",
+                                 "train.max_steps=8", "train.deterministic=true", "data.eval_split=''",
+                                 "checkpoint.every_seconds=0"])
         result, _ = train_in_process(cfg, tiny_data, tmp_path / f"jit-{jit}")
         assert result.step == 8
         states[jit] = read_checkpoint(tmp_path / f"jit-{jit}")

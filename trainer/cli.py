@@ -1,7 +1,8 @@
-"""Command line of the trainer: ``train``, ``evaluate`` and ``predict``.
+"""Command line of the trainer: train, evaluate and predict.
 
-Exit status: 0 on success (also after SIGTERM handled by checkpointing), 2 with a one-line reason on bad
-input (config, data, model directory), 1 when training stopped on a NaN/Inf loss.
+Exit status: 0 on success (also after SIGTERM/SIGINT, which stop training at the end of the current call with a
+checkpoint), 2 with a one-line reason on bad input (config, data, model directory), 1 when training stopped on
+a NaN/Inf loss. A second SIGTERM/SIGINT ends the process at once, by the signal (exit status 143 / 130).
 """
 
 from __future__ import annotations
@@ -11,44 +12,67 @@ import logging
 import os
 import sys
 
+from trainer import config as config_lib
+from trainer.backends import DISTRIBUTIONS
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(prog="python -m trainer", description=doc[0], epilog=doc[1])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train or resume a model")
-    t.add_argument("--data", required=True, help="dataset directory (python -m data_pipeline generate/convert)")
-    t.add_argument("--eval-data", default=None, help="dataset directory to evaluate on (default: --data)")
-    t.add_argument("--model-dir", required=True, help="checkpoints, config, TensorBoard logs, export")
-    t.add_argument("--config", default=None, help="YAML config (configs/*.yaml); defaults otherwise")
+    t = sub.add_parser("train", help="train a model, or resume its training",
+                       description="Train a model, or resume its training from the model directory's latest "
+                                   "checkpoint (run the same command again). Settings: the defaults, then --config, "
+                                   "then --set, then the flags below that name a key.")
+    t.add_argument("--data", required=True, help="dataset directory (written by python -m data_pipeline "
+                                                 "generate or convert)")
+    t.add_argument("--eval-data", default=None, help="dataset directory whose data.eval_split is evaluated "
+                                                     "during training (default: --data)")
+    t.add_argument("--model-dir", required=True, help="directory for checkpoints, config.yaml, TensorBoard logs "
+                                                      "and the export")
+    t.add_argument("--config", default=None, help="YAML config, e.g. configs/tiny.yaml (default: the defaults, "
+                                                  "written out in configs/default.yaml)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.hidden=[1024,1024] (repeatable)")
-    t.add_argument("--epochs", type=int, default=None, help="= --set train.epochs=N")
-    t.add_argument("--max-steps", type=int, default=None, help="= --set train.max_steps=N")
-    t.add_argument("--distribution", default=None, help="auto|one_device|mirrored|multi_worker|horovod")
-    t.add_argument("--precision", default=None, help="auto|float32|mixed_float16|mixed_bfloat16")
+                   help="set a config key (YAML value), e.g. --set model.hidden=[1024,1024]; repeatable "
+                        "(default: none)")
+    t.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="same as --set train.epochs=N (default: the config's)")
+    t.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="same as --set train.max_steps=N (default: the config's)")
+    t.add_argument("--distribution", default=None, metavar="NAME",
+                   help=f"same as --set train.distribution=NAME, one of auto, {', '.join(DISTRIBUTIONS)} "
+                        "(default: the config's)")
+    t.add_argument("--precision", default=None, metavar="NAME",
+                   help="same as --set train.precision=NAME, one of "
+                        f"{', '.join(sorted(config_lib.CHOICES['train.precision']))} (default: the config's)")
 
-    e = sub.add_parser("evaluate", help="evaluate a model directory on a dataset (its export once training "
-                                        "finished, else its latest checkpoint)")
-    e.add_argument("--model-dir", required=True)
-    e.add_argument("--data", required=True)
+    e = sub.add_parser("evaluate", help="evaluate a model directory on a dataset split",
+                       description="Evaluate a model directory on a dataset split: metrics JSON, per-label CSV and "
+                                   "a table on stdout.")
+    e.add_argument("--model-dir", required=True, help="model directory of a training run")
+    e.add_argument("--data", required=True, help="dataset directory")
     e.add_argument("--split", default=None, help="split to evaluate (default: test, else eval, else train)")
-    e.add_argument("--out", default=None, help="metrics JSON (default: <model-dir>/metrics-<split>.json); "
-                                                "the per-label CSV goes beside it")
+    e.add_argument("--out", default=None, help="metrics JSON; the per-label CSV goes beside it "
+                                                "(default: MODEL_DIR/metrics-SPLIT.json)")
     e.add_argument("--source", choices=["auto", "checkpoint", "export"], default="auto",
-                   help="auto: the export if it is newer than the latest checkpoint (with early stopping it holds "
-                        "the best evaluation's weights), else the checkpoint")
-    e.add_argument("--batch-size", type=int, default=1024)
+                   help="what to evaluate: auto takes the export if it is newer than the latest checkpoint (with "
+                        "early stopping it holds the best evaluation's weights), else the checkpoint "
+                        "(default: auto)")
+    e.add_argument("--batch-size", type=int, default=1024, metavar="N", help="examples per batch (default: 1024)")
 
-    r = sub.add_parser("predict", help="per-label probabilities, top-k labels and thresholded label sets")
-    r.add_argument("--model-dir", required=True)
+    r = sub.add_parser("predict", help="per-label probabilities, top-k labels and thresholded label sets",
+                       description="Predict with a model directory (its export, else its latest checkpoint).")
+    r.add_argument("--model-dir", required=True, help="model directory of a training run")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="dataset directory (records are predicted in dataset order)")
-    src.add_argument("--input", help="features file: .npy / .npz (array 'features' or 'x') / .csv (no header)")
+    src.add_argument("--input", help="features file: .npy, .npz (array 'features' or 'x') or .csv (no header)")
     r.add_argument("--split", default=None, help="split of --data (default: test, else eval, else train)")
-    r.add_argument("--out", required=True, help=".npz (probabilities, label_names) or .jsonl (top-k, label set)")
-    r.add_argument("--top-k", type=int, default=5)
-    r.add_argument("--batch-size", type=int, default=1024)
+    r.add_argument("--out", required=True, help=".npz (probabilities, label names, thresholded predictions) or "
+                                                ".jsonl (per example its top-k labels and its label set)")
+    r.add_argument("--top-k", type=int, default=5, metavar="K", help="labels listed per example in .jsonl "
+                                                                     "(default: 5)")
+    r.add_argument("--batch-size", type=int, default=1024, metavar="N", help="examples per batch (default: 1024)")
     return p
 
 

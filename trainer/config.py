@@ -1,5 +1,9 @@
 """The one config system: typed dataclasses, loaded from a YAML file, with ``--set key=value`` overrides.
 
+The dataclass defaults below are the defaults, defined nowhere else: they train the design's model (one
+2048-2048-N MLP). configs/default.yaml spells every one of them out for reading (a test keeps the two equal),
+and every other config file sets only the keys it changes, named in its top comment.
+
 Everything is validated before any work starts: an unknown key, a value of the wrong type or an impossible
 value is a ConfigError whose one line names the key (and the file). The resolved config is written into
 the model directory, so a run can always be reproduced and resumed with the settings it started with.
@@ -16,6 +20,8 @@ from typing import Any, Optional
 
 import yaml
 
+from trainer.backends import DISTRIBUTIONS
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names the key."""
@@ -25,7 +31,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     hidden: list[int] = dataclasses.field(default_factory=lambda: [2048, 2048])  # widths; depth = len
     activation: str = "relu"
-    dropout: float = 0.0  # after each hidden layer
+    dropout: float = 0.5  # after each hidden layer
     input_dropout: float = 0.0  # on the features (helps sparse bag-of-words inputs)
     l2: float = 0.0  # L2 penalty on kernels (prefer optimizer.weight_decay with adamw)
     input_transform: str = "none"  # none | log1p | l2_normalize | log1p_l2 (bag-of-words: TF-IDF-like)
@@ -57,7 +63,7 @@ class OptimizerConfig:
     base_batch_size: int = 256
     lr_scaling: str = "linear"  # linear | sqrt | none
     weight_decay: float = 1e-4  # adamw only
-    warmup_steps: int = 0
+    warmup_steps: int = 100
     decay: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio
     clipnorm: Optional[float] = None
@@ -77,12 +83,12 @@ class LossConfig:
 @dataclasses.dataclass
 class TrainConfig:
     batch_size: int = 256  # global batch, over all replicas and workers
-    epochs: int = 1
+    epochs: int = 30
     max_steps: Optional[int] = None  # stops earlier than epochs
-    distribution: str = "auto"  # auto | one_device | mirrored | multi_worker | horovod
+    distribution: str = "auto"  # auto | one of trainer.backends.DISTRIBUTIONS
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     jit_compile: bool = False
-    steps_per_call: int = 1  # training steps per tf.function call (fewer Python round trips)
+    steps_per_call: int = 10  # training steps per tf.function call (fewer Python round trips)
     log_every_steps: int = 100
     eval_every_steps: int = 0  # 0 = at the end of every epoch
     seed: int = 0
@@ -125,7 +131,7 @@ class Config:
     horovod: HorovodConfig = dataclasses.field(default_factory=HorovodConfig)
 
 
-_CHOICES = {
+CHOICES = {  # allowed values of the keys that take one of a few names
     "model.activation": {"relu", "gelu", "swish", "tanh"},
     "model.input_transform": {"none", "log1p", "l2_normalize", "log1p_l2"},
     "model.output_bias": {"prior", "zeros"},
@@ -134,7 +140,7 @@ _CHOICES = {
     "optimizer.lr_scaling": {"linear", "sqrt", "none"},
     "optimizer.decay": {"cosine", "linear", "constant"},
     "loss.pos_weight": {"none", "manifest"},
-    "train.distribution": {"auto", "one_device", "mirrored", "multi_worker", "horovod"},
+    "train.distribution": {"auto", *DISTRIBUTIONS},
     "train.precision": {"auto", "float32", "mixed_float16", "mixed_bfloat16"},
     # Aggregates of trainer.metrics.compute that grow when the model gets better (EarlyStopping maximises;
     # "loss" is minimised). Checked here: a typo used to be a KeyError at the first evaluation, N steps in.
@@ -193,7 +199,7 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks values that types alone cannot; raises ConfigError naming the key."""
-    for key, allowed in _CHOICES.items():
+    for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
