@@ -10,7 +10,8 @@ Entry points: ``python scripts/submit_k8s.py`` and the ``mlt-submit`` console co
 
 URIs: ``pvc://CLAIM/SUB/PATH`` mounts a PersistentVolumeClaim, anything else (``gs://...``)
 is passed to the trainer as is (see :mod:`k8s.manifests`). ``--dry-run`` prints the
-manifests as YAML and needs no cluster. Errors are one line on stderr, exit status 1.
+manifests as YAML and needs no cluster. Errors are one line on stderr, exit status 1 (2 when the ``k8s`` extra,
+the Kubernetes client, is not installed).
 """
 from __future__ import annotations
 
@@ -386,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ``submit`` may be left out.
 
     Returns:
-        Exit status: 0 on success, 1 on a reported error (argparse exits 2 on bad usage).
+        Exit status: 0 on success, 1 on a reported error, 2 on bad usage (argparse) or without the
+            Kubernetes client (the ``k8s`` extra).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -414,3 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SubmitError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
+    except ImportError as exc:  # The Kubernetes client is an extra: name it.
+        if (exc.name or "").split(".")[0] not in ("kubernetes", "urllib3"):
+            raise
+        print(f"{PROG}: error: the Kubernetes client is not installed ({exc.name}): "
+              "pip install 'multilabel-trainer[k8s]'", file=sys.stderr)
+        return 2

@@ -54,9 +54,12 @@ else
     || die "horovod build failed against $tf_pkg (see the compiler output above)"
 fi
 
-# The package itself and its test tools; TF is already pinned above, so the 'horovod' extra adds no TF.
-echo "+ pip install -e $repo[horovod]"
-"${pip[@]}" install -q -e "$repo[horovod]"
+# The package itself and its test tools, resolved together with the pinned TensorFlow: pip checks only the
+# requirements of what one command installs, so installing the package alone let its dependencies upgrade
+# protobuf past what this TensorFlow allows.
+echo "+ pip install $tf_pkg -e $repo[horovod]"
+"${pip[@]}" install -q "$tf_pkg" -e "$repo[horovod]"
+"${pip[@]}" check || die "pip check: the environment's dependencies conflict (see above)"
 
 "$env_dir/bin/horovodrun" --check-build | tee /tmp/horovod-check-build.$$
 grep -q "\[X\] TensorFlow" /tmp/horovod-check-build.$$ || die "horovodrun --check-build: TensorFlow not built in"
