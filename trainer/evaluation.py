@@ -1,9 +1,9 @@
 """Evaluation during and after training: streaming metric state, early stopping, threshold tuning.
 
-The eval step (trainer/steps.py) returns additive metric state summed over replicas and workers; this
-module accumulates it over the eval split on the host and turns it into values with the pure functions
-of trainer.metrics, so evaluation during training, ``trainer evaluate`` and threshold tuning all read
-the same numbers.
+The eval step (trainer/steps.py) returns additive metric state, summed by the backend; sum_metric_state, the
+one evaluation loop, accumulates it over a split on the host, and the pure functions of trainer.metrics turn it
+into values, so evaluation during training, ``trainer evaluate`` and threshold tuning all read the same
+numbers.
 """
 
 from __future__ import annotations
@@ -70,14 +70,14 @@ class Evaluator:
       loss_fn: per-example loss.
       manifest: the training dataset's manifest (label names, training label counts for buckets).
       cfg: the config (metrics section, batch size, train split).
-      thresholds: per-label decision thresholds for precision/recall/F1 (default 0.5).
+
+    Precision, recall and F1 are computed at 0.5 (thresholds are tuned afterwards, from the histograms).
     """
 
-    def __init__(self, backend: Backend, model, loss_fn, manifest: mf.Manifest, cfg, thresholds=None):
+    def __init__(self, backend: Backend, model, loss_fn, manifest: mf.Manifest, cfg):
         self.backend, self.manifest, self.cfg = backend, manifest, cfg
         self.num_bins = cfg.metrics.num_bins
-        self.thresholds = np.full(manifest.num_labels, 0.5, np.float32) if thresholds is None else \
-            np.asarray(thresholds, np.float32)
+        self.thresholds = np.full(manifest.num_labels, 0.5, np.float32)
         state_fn = functools.partial(metric_state.batch_metric_state, thresholds=tf.constant(self.thresholds),
                                      num_bins=self.num_bins)
         self.eval_fn = make_eval_function(backend, model, loss_fn, state_fn)

@@ -2,7 +2,8 @@
 
 A model directory can be read two ways: the latest checkpoint (rebuilt from the saved config.yaml and
 run_info.json) or the serving export. Both give a function ``features -> probabilities``; evaluation then
-accumulates the same metric state as training does and computes the same values.
+accumulates the same metric state with the same loop as training does (evaluation.sum_metric_state) and
+computes the same values.
 """
 
 from __future__ import annotations
