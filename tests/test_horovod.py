@@ -186,6 +186,45 @@ def test_sigkill_then_resume(dataset, tmp_path):
     assert re.search(rf"step {first + 10}/{first + 10}", out)
 
 
+def _rank_process(horovodrun: subprocess.Popen, rank: int):
+    """The trainer process of one rank, among horovodrun's descendants."""
+    import psutil
+
+    for child in psutil.Process(horovodrun.pid).children(recursive=True):
+        try:
+            if "trainer" in child.cmdline() and child.environ().get("HOROVOD_RANK") == str(rank):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def test_sigterm_to_one_rank_stops_the_job_with_one_checkpoint(dataset, tmp_path):
+    """SIGTERM to rank 1 alone: the stop request is agreed on (an allreduce after the call), so both ranks
+    stop at the same step, rank 0 writes one checkpoint, and the job exits 0."""
+    model_dir, log = tmp_path / "model", tmp_path / "log"
+    cmd = _horovodrun(_train_cmd(dataset, model_dir, 100000, "horovod")
+                      + ["--set", "train.epochs=1000", "--set", "data.eval_split=", "--set", "checkpoint.every_steps=0"])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not re.search(r"\[0\]<stderr>:.*INFO step \d+/", log.read_text()):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        _rank_process(proc, 1).send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    steps = {rank: int(step) for rank, step in re.findall(r"\[(\d)\]<stdout>:stopped by signal at step (\d+)", out)}
+    assert set(steps) == {"0", "1"} and steps["0"] == steps["1"], steps
+    assert sorted(p.name for p in (model_dir / "checkpoints").glob("ckpt-*.index")) == [f"ckpt-{steps['0']}.index"]
+
+
 def test_fp16_compression_trains(dataset, tmp_path):
     model_dir, dump = tmp_path / "model", tmp_path / "dump"
     dump.mkdir()

@@ -99,7 +99,11 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
     def train_steps(iterator, num_steps):
         totals = tf.zeros([len(_CALL_STATS)], tf.float32)
         for _ in tf.range(num_steps):
-            totals += backend.reduce_sum(backend.run(replica_step, (next(iterator),)))
+            stats = backend.run(replica_step, (next(iterator),))
+            # Each step's sum starts after the previous one's: loop iterations may overlap, and Horovod fails when
+            # a collective of one name starts again while the last one still waits for the other ranks.
+            with tf.control_dependencies([totals]):
+                totals += backend.reduce_sum(stats)
         return totals
 
     def train_call(iterator, num_steps: int) -> CallStats:
