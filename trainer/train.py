@@ -78,6 +78,7 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
     stop.install()
     try:
         run = _set_up(cfg, data_dir, model_dir, eval_data_dir, backend)
+        stop.install()
         _resume(run)
         with ProgressBar(run.plan.total_steps, run.plan.steps_per_epoch, run.position.step) as run.bar:
             ended_by = _loop(run, stop)
@@ -105,16 +106,19 @@ class _StopFlag:
         self._watcher: threading.Thread | None = None
 
     def install(self) -> None:
+        """Takes SIGTERM and SIGINT; called again after set-up, which may have taken them (TensorFlow's
+        multi-worker preemption notifier installs its own SIGTERM handler)."""
         if threading.current_thread() is not threading.main_thread():
             return  # Signals reach the main thread only; a run in another thread keeps the caller's handling.
-        self._pipe = os.pipe()
-        os.set_blocking(self._pipe[1], False)
-        self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), name="signal-watcher",
-                                         daemon=True)
-        self._watcher.start()
-        self._previous_wakeup_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        if self._pipe is None:
+            self._pipe = os.pipe()
+            os.set_blocking(self._pipe[1], False)
+            self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],), name="signal-watcher",
+                                             daemon=True)
+            self._watcher.start()
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
         for sig in self.SIGNALS:
-            self._previous_handlers[sig] = signal.signal(sig, self._handle)
+            self._previous_handlers.setdefault(sig, signal.signal(sig, self._handle))
 
     def uninstall(self) -> None:
         """Puts back the handlers that were there before install (train() called from a library, a notebook
