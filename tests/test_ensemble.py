@@ -66,6 +66,7 @@ def test_ensemble_size_is_validated():
 @pytest.mark.parametrize("distribution", ["one_device", "mirrored"])
 def test_ensemble_trains_exports_and_serves_the_mean_probability(distribution, tiny_data, tmp_path):
     cfg = load_config(None, [f"train.distribution={distribution}", "model.hidden=[16]", "model.ensemble=2",
+                             "model.dropout=0.0", "optimizer.warmup_steps=0",
                              "train.epochs=3", "train.batch_size=64", "train.max_steps=80",
                              "checkpoint.every_seconds=0",
                              "train.deterministic=true", "optimizer.learning_rate=0.01"])
