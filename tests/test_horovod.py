@@ -203,8 +203,8 @@ def test_sigterm_to_one_rank_stops_the_job_with_one_checkpoint(dataset, tmp_path
     """SIGTERM to rank 1 alone: the stop request is agreed on (an allreduce after the call), so both ranks
     stop at the same step, rank 0 writes one checkpoint, and the job exits 0."""
     model_dir, log = tmp_path / "model", tmp_path / "log"
-    cmd = _horovodrun(_train_cmd(dataset, model_dir, 100000, "horovod")
-                      + ["--set", "train.epochs=1000", "--set", "data.eval_split=", "--set", "checkpoint.every_steps=0"])
+    cmd = _horovodrun(_train_cmd(dataset, model_dir, 100000, "horovod") + [
+        "--set", "train.epochs=1000", "--set", "data.eval_split=", "--set", "checkpoint.every_steps=0"])
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -203,8 +203,8 @@ class Position:
         return done
 
     def after_restore(self) -> None:
-        """A checkpoint taken at an epoch's end by an older version, or with a larger batch size (fewer steps
-        per epoch), is past its epoch: continue with the next one."""
+        """A restored position at or past its epoch's end (saved at the end of an epoch, or by a run with a
+        larger batch, so more steps per epoch) continues with the next epoch."""
         self._start_next_epoch_if_done(self.in_epoch)
 
 
