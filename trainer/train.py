@@ -204,7 +204,7 @@ class Position:
 
     def after_restore(self) -> None:
         """A restored position at or past its epoch's end (saved at the end of an epoch, or by a run with a
-        larger batch, so more steps per epoch) continues with the next epoch."""
+        smaller batch, so more steps per epoch) continues with the next epoch."""
         self._start_next_epoch_if_done(self.in_epoch)
 
 
