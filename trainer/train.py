@@ -23,8 +23,10 @@ from data_pipeline import manifest as mf
 from data_pipeline import reader
 from trainer import config as config_lib
 from trainer import evaluation, export, precision
+from trainer import preflight
 from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
+from trainer.lock import ModelDirLock
 from trainer.losses import MultiLabelLoss
 from trainer.model import build_model, build_optimizer, prior_log_odds
 from trainer.steps import TRAIN_STATS, make_train_function
@@ -91,13 +93,15 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
     """
     stop = _StopFlag()
     stop.install()
+    dir_lock = ModelDirLock(model_dir)  # taken by the chief in _train, once the checks have passed
     try:
-        return _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop)
+        return _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop, dir_lock)
     finally:
         stop.uninstall()
+        dir_lock.release()
 
 
-def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) -> TrainResult:
+def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag, dir_lock: ModelDirLock) -> TrainResult:
     # --- Runtime: precision policy, backend, determinism -----------------------------------------------
     policy = precision.apply_policy(cfg.train.precision)
     backend = backend or make_backend(cfg.train.distribution, cfg.horovod.fp16_compression)
@@ -120,7 +124,10 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
+    preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir)
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
+    if backend.is_chief:  # Workers of this job share the chief's lock; another job's chief stops here.
+        dir_lock.acquire()
 
     # The same options every epoch: the epoch number enters make_dataset's shuffle seed separately.
     train_options = reader.ReaderOptions(
