@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (PYTHON, REPO_ROOT, TINY_DATA, latest_checkpoint_step, repo_env, start_trainer, stop_process,
-                      train_in_process, wait_for)
+from conftest import (PYTHON, REPO_ROOT, assert_same_state, latest_checkpoint_step, read_checkpoint, repo_env,
+                      start_trainer, stop_process, train_in_process, wait_for)
 from trainer import cli, export, lock
 from trainer.config import load_config
 from trainer.model import build_model
@@ -301,6 +301,19 @@ def test_every_checkpoint_damaged_is_one_line(three_checkpoints, tiny_data, tmp_
         os.truncate(path + ".index", 10)
     line = cli_fails(capsys, train_args(tiny_data, model_dir, "train.max_steps=80", "checkpoint.keep=3"))
     assert line.startswith(f"error: {model_dir / 'checkpoints'}: every checkpoint is damaged ("), line
+
+
+def test_resume_with_dropout_equals_one_run(tiny_data, tmp_path):
+    """The dropout layers' random state is in the checkpoint: stopped and resumed, a run with dropout draws the
+    masks the uninterrupted run draws (it drew others when only the weights were saved)."""
+    sets = TRAIN_SETS + ["model.hidden=[16, 16]", "model.dropout=0.5", "model.input_dropout=0.2",
+                         "optimizer.decay=constant", "optimizer.learning_rate=0.01"]
+    train_in_process(load_config(None, sets + ["train.max_steps=50"]), tiny_data, tmp_path / "one")
+    train_in_process(load_config(None, sets + ["train.max_steps=30"]), tiny_data, tmp_path / "resumed")
+    train_in_process(load_config(None, sets + ["train.max_steps=50"]), tiny_data, tmp_path / "resumed")
+    one, resumed = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "resumed")
+    assert [k for k in one if k.startswith("non_trainable/")]  # the seed generators' states
+    assert_same_state(one, resumed, rtol=1e-6, atol=1e-7)
 
 
 # --- A full disk -------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Checkpoints with automatic resume, written by the chief only.
 
-What a checkpoint holds: model weights, optimizer state (moments, iteration, loss scale), the global step,
-the epoch and the number of steps already taken in that epoch (the input position, so a resumed run
-continues the epoch instead of restarting it).
+What a checkpoint holds: model weights, the model's non-trainable variables (the dropout layers' random
+generator states), optimizer state (moments, iteration, loss scale), the global step, the epoch and the
+number of steps already taken in that epoch (the input position, so a resumed run continues the epoch instead
+of restarting it).
 
 Why it survives SIGKILL: tf.train.CheckpointManager writes the data files first and then replaces the
 small ``checkpoint`` index file atomically, so the latest checkpoint it names is always complete. Should its
@@ -21,10 +22,11 @@ import os
 import shutil
 import time
 
+import keras
 import tensorflow as tf
 
 from data_pipeline.errors import DiskFullError, as_disk_full
-from trainer.backends import Backend
+from trainer.backends import Backend, tf_variable
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,15 @@ class CheckpointKeeper:
             self.write_dir = self.chief_dir
         else:
             self.write_dir = os.path.join(model_dir, f".tmp_worker_{backend.worker_index}", "checkpoints")
-        self.checkpoint = tf.train.Checkpoint(**objects)
+        # Keras does not hand a model's non-trainable variables to tf.train.Checkpoint (its weights reach the
+        # checkpoint through the optimizer), so the dropout layers' seed-generator states were not saved and a
+        # resumed run drew other dropout masks than the uninterrupted one. Saved under their own key, and
+        # restored only if present (checkpoints written before have none).
+        non_trainable = [tf_variable(v) for obj in objects.values() if isinstance(obj, keras.Model)
+                         for v in obj.non_trainable_variables]
+        self._required = tf.train.Checkpoint(**objects)
+        self._optional = tf.train.Checkpoint(non_trainable=non_trainable)
+        self.checkpoint = tf.train.Checkpoint(**objects, non_trainable=non_trainable)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir, max_to_keep=keep)
         self.last_step = -1
         self.last_time = time.monotonic()
@@ -81,7 +91,8 @@ class CheckpointKeeper:
         damaged = []
         for path in self._candidates():
             try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
+                self._required.restore(path).assert_existing_objects_matched()
+                self._optional.restore(path).expect_partial()
             except Exception as e:  # noqa: BLE001 - damaged files raise IndexError, OpError, DataLossError...
                 reason = unreadable(path)
                 if reason is None:  # every tensor reads back: the checkpoint is whole but of another model
