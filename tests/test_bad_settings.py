@@ -75,13 +75,22 @@ def test_no_hidden_layer_is_refused(tiny_data, tmp_path, capsys):
 
 def test_batch_larger_than_the_split_warns_and_says_what_happens(tiny_data, tmp_path):
     cfg = load_config(None, ["train.distribution=one_device", "model.hidden=[8]", "train.batch_size=100000",
-                             "optimizer.base_batch_size=64", "train.epochs=2", "data.eval_split=''"])
+                             "optimizer.base_batch_size=64", "train.epochs=2", "data.eval_split=''",
+                             "train.early_stopping_patience=3"])
     result, messages = train_in_process(cfg, tiny_data, tmp_path / "m")
     warning = [m for m in messages if "train.batch_size 100000 is larger" in m]
     assert warning == [f"train.batch_size 100000 is larger than the 2400 training examples of {tiny_data} split "
                        "'train': each step repeats them 41.7 times, an epoch is 1 step (2 in all), at learning rate "
                        "x1562 (linear scaling from optimizer.base_batch_size 64)"], messages[:3]
     assert result.step == 2  # what the warning said
+    assert "train.early_stopping_patience=3 has no effect: nothing to evaluate on (set data.validation_fraction, " \
+        "or data.eval_split with an eval split)" in messages
+
+
+def test_model_dir_that_is_a_file(tiny_data, tmp_path, capsys):
+    (tmp_path / "m").write_text("not a directory")
+    line = fails(capsys, cli.main, train_argv(tiny_data, tmp_path / "m"))
+    assert line == f"error: --model-dir {tmp_path / 'm'}: exists and is not a directory"
 
 
 def test_manifest_count_disagreeing_with_a_shard(copied_data, tmp_path, capsys):

@@ -45,6 +45,13 @@ def check_before_training(cfg, manifest: mf.Manifest, data_dir: str, eval_source
     if eval_source is None and cfg.train.early_stopping_patience:
         log.warning("train.early_stopping_patience=%d has no effect: nothing to evaluate on (set "
                     "data.validation_fraction, or data.eval_split with an eval split)", cfg.train.early_stopping_patience)
+    check_model_dir(model_dir)
+
+
+def check_model_dir(model_dir: str) -> None:
+    """The model directory is a directory (or does not exist yet) and its run_info.json (if any) is readable."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ConfigError(f"--model-dir {model_dir}: exists and is not a directory")
     files.read_run_info(model_dir)  # a damaged run_info.json is named now, not as a JSON error later
 
 
