@@ -16,6 +16,7 @@ import tensorflow as tf
 from conftest import train_in_process
 from data_pipeline import cli as data_cli
 from data_pipeline import manifest as mf
+from data_pipeline.errors import DataError
 from data_pipeline.generate import generate
 from data_pipeline.writer import encode_example
 from trainer import cli, inference, preflight
@@ -112,6 +113,19 @@ def test_truncated_shard_is_found_before_training(copied_data, tmp_path, capsys)
     n = mf.read_manifest(str(copied_data)).split("eval").num_examples
     line = fails(capsys, cli.main, train_argv(copied_data, tmp_path / "m"))
     assert line == f"error: {shard} record {n - 1}: truncated TFRecord (the file ends inside the record)"
+
+
+def test_shards_beyond_the_counting_budget_are_checked_by_size(copied_data):
+    m = mf.read_manifest(str(copied_data))
+    preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)  # sizes fit the counts
+    m.splits["train"].shard_lengths[1] = 10 ** 6
+    shard = copied_data / m.splits["train"].shards[1]
+    with pytest.raises(DataError, match=f"{shard}: {shard.stat().st_size} bytes cannot hold the 1000000 records"):
+        preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)
+    m.splits["train"].shard_lengths[1] = 601
+    preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)  # what a size cannot tell
+    with pytest.raises(DataError, match="600 records but the manifest says 601"):
+        preflight.check_shards(str(copied_data), "train", m)
 
 
 def test_count_records_reads_the_framing_only(tmp_path):

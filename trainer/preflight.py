@@ -21,6 +21,7 @@ from trainer.model import scaled_learning_rate
 
 log = logging.getLogger(__name__)
 
+COUNT_BUDGET_BYTES = 2 << 30  # shard bytes whose records are counted, per split (cost: bench/README.md)
 _FRAMING = 16  # bytes around each TFRecord: uint64 length, uint32 CRC of the length, (data), uint32 CRC of the data
 
 
@@ -102,20 +103,27 @@ def check_batch_size(cfg, manifest: mf.Manifest, data_dir: str) -> None:
                 factor, cfg.optimizer.lr_scaling, cfg.optimizer.base_batch_size)
 
 
-def check_shards(data_dir: str, split: str, manifest: mf.Manifest) -> None:
+def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes: int = COUNT_BUDGET_BYTES) -> None:
     """Every shard of the split exists and holds the number of records the manifest says.
 
-    Uncompressed shards are counted by walking the TFRecord framing (``count_records``), which also finds a
-    truncated last record. GZIP shards cannot be walked without decompressing: only their presence is
-    checked.
+    Records are counted by walking the TFRecord framing (``count_records``), which also finds a truncated
+    record, from the last shard backwards (an interrupted copy leaves its last file short) until
+    ``budget_bytes`` of shards have been walked; the other shards, and GZIP shards (which cannot be walked
+    without decompressing), are checked for presence and a size that can hold their records.
     """
     info = manifest.split(split, data_dir)
-    for shard, expected in zip(info.shards, info.shard_lengths):
+    walked = 0
+    for shard, expected in reversed(list(zip(info.shards, info.shard_lengths))):
         path = os.path.join(data_dir, shard)
         if not os.path.isfile(path):
             raise DataError(f"{path}: shard listed in {os.path.join(data_dir, mf.MANIFEST_NAME)} is missing")
-        if manifest.compression:
+        size = os.path.getsize(path)
+        if manifest.compression or walked + size > budget_bytes:
+            minimum = (1 if expected else 0) if manifest.compression else _FRAMING * expected
+            if size < minimum:
+                raise DataError(f"{path}: {size} bytes cannot hold the {expected} records the manifest says")
             continue
+        walked += size
         count = count_records(path)
         if count != expected:
             raise DataError(f"{path}: {count} records but the manifest says {expected}")
