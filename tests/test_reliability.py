@@ -12,8 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
