@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, as_disk_full
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_generate_flags(args: argparse.Namespace) -> None:
+    """Rejects generate flags that cannot describe a dataset, naming the flag (argparse only checks types)."""
+    for flag, value, low in (("--examples", args.examples, 1), ("--features", args.features, 1),
+                             ("--labels", args.labels, 1), ("--shards", args.shards, 1), ("--seed", args.seed, 0),
+                             ("--workers", args.workers, 1)):
+        if value is not None and value < low:
+            raise DataError(f"{flag}: must be >= {low} (got {value})")
+    if not 0.0 <= args.split_eval < 1.0:
+        raise DataError(f"--split-eval: must be in [0, 1) (got {args.split_eval})")
+    if args.examples - int(round(args.examples * args.split_eval)) < 1:
+        raise DataError(f"--split-eval {args.split_eval}: leaves no training example of --examples {args.examples}")
+
+
 def run_inspect(directory: str, allow_non_finite: bool, top: int) -> None:
     """Prints the summary of every split of a dataset directory."""
     import numpy as np
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from data_pipeline.generate import generate
 
+            check_generate_flags(args)
             m = generate(args.out, args.examples, args.features, args.labels, args.shards, args.seed,
                          args.split_eval, overwrite=args.overwrite, workers=args.workers)
             print(f"wrote {args.out}: " + ", ".join(f"{k} {v.num_examples} examples in {len(v.shards)} shards"
@@ -101,4 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a full disk is one line too; anything else keeps its traceback
+        full = as_disk_full(e)
+        if full is None:
+            raise
+        print(f"error: {full} (nothing was written: the output appears only when complete)", file=sys.stderr)
+        return 1
     return 0

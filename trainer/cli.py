@@ -1,8 +1,9 @@
 """Command line of the trainer: train, evaluate and predict.
 
 Exit status: 0 on success (also after SIGTERM/SIGINT, which stop training at the end of the current call with a
-checkpoint), 2 with a one-line reason on bad input (config, data, model directory), 1 when training stopped on
-a NaN/Inf loss. A second SIGTERM/SIGINT ends the process at once, by the signal (exit status 143 / 130).
+checkpoint), 2 with a one-line reason on bad input (config, data, model directory, a model directory in use),
+1 when training stopped on a NaN/Inf loss or a disk is full (one line too). A second SIGTERM/SIGINT ends the
+process at once, by the signal (exit status 143 / 130).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.backends import configure_logical_cpus
 
         configure_logical_cpus(int(os.environ["MLT_LOGICAL_CPUS"]))
-    from data_pipeline.errors import DataError
+    from data_pipeline.errors import DataError, as_disk_full
     from trainer.checkpointing import ResumeError
     from trainer.config import ConfigError, load_config
 
@@ -128,4 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ResumeError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a full disk is one line too (exit 1); anything else keeps its traceback
+        full = as_disk_full(e)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 1
     return 0

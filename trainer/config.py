@@ -263,6 +263,15 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def _yaml_error(path: str, e: yaml.YAMLError) -> str:
+    """One line naming the file, line and column of a YAML syntax error, and what the parser expected."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark else path
+    return f"{where}: not valid YAML ({problem}{', ' + context if context else ''})"
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                 extra: dict[str, Any] | None = None) -> Config:
     """Builds the config: defaults, then the YAML file, then ``--set`` overrides, then ``extra``.
@@ -286,7 +295,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(_yaml_error(path, e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         try:

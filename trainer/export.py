@@ -4,6 +4,9 @@ The SavedModel loads with plain ``tf.saved_model.load`` in a process that has no
 Beside it: ``labels.json`` (label names in output order) and ``thresholds.json`` (the per-label decision
 thresholds tuned on the validation split, or 0.5).
 
+Readers never see a half-written export: a new one is written into ``export.tmp-<pid>``, synced to disk,
+and swapped in by renames (``replace_dir``); ``find_export`` picks the complete copy a crash left.
+
 Layout of ``<model_dir>/export``::
 
     export/saved_model/     SavedModel, signature "serving_default": features [N, F] float32 ->
@@ -14,6 +17,7 @@ Layout of ``<model_dir>/export``::
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -22,12 +26,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from data_pipeline.errors import DataError
+from trainer import files
 from trainer.backends import tf_variable
+from trainer.metrics.compute import load_thresholds
 from trainer.steps import probabilities
 
 SAVED_MODEL = "saved_model"
 LABELS_FILE = "labels.json"
 THRESHOLDS_FILE = "thresholds.json"
+OLD_SUFFIX = ".old"
 
 
 class _Serving(tf.Module):
@@ -49,7 +57,7 @@ class _Serving(tf.Module):
 
 
 def export_model(model: keras.Model, export_dir: str, label_names: list[str], thresholds=None) -> str:
-    """Writes the serving export atomically (temporary directory, then rename).
+    """Writes the serving export, replacing an existing one atomically (see ``replace_dir``).
 
     Args:
       model: the trained Keras model (logits out).
@@ -62,15 +70,68 @@ def export_model(model: keras.Model, export_dir: str, label_names: list[str], th
     """
     thresholds = np.full(len(label_names), 0.5, np.float32) if thresholds is None else np.asarray(
         thresholds, np.float32)
-    tmp = export_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    export_dir = export_dir.rstrip("/")
+    for leftover in glob.glob(glob.escape(export_dir) + ".tmp*"):  # of an export that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = f"{export_dir}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     module = _Serving(model, thresholds)
     tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL), signatures={"serving_default": module.serve})
     write_label_files(tmp, label_names, thresholds)
-    shutil.rmtree(export_dir, ignore_errors=True)
-    os.replace(tmp, export_dir)
+    sync_tree(tmp)
+    replace_dir(tmp, export_dir)
     return export_dir
+
+
+def replace_dir(new: str, target: str) -> None:
+    """Puts the complete directory ``new`` in place of ``target`` so that a crash at any point leaves a
+    complete copy for ``find_export``: rename ``target`` aside to ``<target>.old``, rename ``new`` in,
+    then delete ``<target>.old``.
+
+    Killed between the renames, there is no ``target`` but a complete ``<target>.old``; killed while deleting
+    ``<target>.old``, ``target`` is complete and takes precedence. The next call removes the leftovers.
+    """
+    old = target + OLD_SUFFIX
+    if os.path.isdir(target):
+        shutil.rmtree(old, ignore_errors=True)  # target is complete, so any old one is a leftover
+        os.rename(target, old)
+    os.rename(new, target)
+    fsync(os.path.dirname(os.path.abspath(target)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(path: str) -> None:
+    """fsyncs every file and directory under ``path``, so that the rename that publishes them cannot survive
+    a power loss that their contents do not."""
+    for root, _, names in os.walk(path):
+        for name in names:
+            fsync(os.path.join(root, name))
+        fsync(root)
+
+
+def fsync(path: str) -> None:
+    """fsyncs one file or directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(export_dir: str) -> bool:
+    """Whether ``export_dir`` holds the SavedModel and both label files."""
+    return all(os.path.isfile(os.path.join(export_dir, name))
+               for name in (os.path.join(SAVED_MODEL, "saved_model.pb"), LABELS_FILE, THRESHOLDS_FILE))
+
+
+def find_export(export_dir: str) -> str | None:
+    """The complete export to read for ``export_dir``: itself, else ``<export_dir>.old`` (left by an export
+    killed between its renames), else None. A directory being written (``.tmp-*``) is never returned."""
+    export_dir = export_dir.rstrip("/")
+    for candidate in (export_dir, export_dir + OLD_SUFFIX):
+        if is_complete(candidate):
+            return candidate
+    return None
 
 
 def write_label_files(directory: str, label_names: list[str], thresholds) -> None:
@@ -81,12 +142,31 @@ def write_label_files(directory: str, label_names: list[str], thresholds) -> Non
 
 
 def load_export(export_dir: str):
-    """Loads an export: returns (predict_fn features->probabilities, label_names, thresholds)."""
-    loaded = tf.saved_model.load(os.path.join(export_dir, SAVED_MODEL))
+    """Loads the complete export of ``export_dir`` (see ``find_export``).
+
+    Returns:
+      (predict_fn features -> probabilities, label_names, thresholds).
+
+    Raises:
+      FileNotFoundError: there is no complete export.
+      DataError, ValueError: its label files are not valid JSON or do not match (names the file).
+    """
+    for attempt in range(3):  # An export replaced while we read it: read again from the new one.
+        path = find_export(export_dir)
+        if path is None:
+            raise FileNotFoundError(f"{export_dir}: no complete exported model (training did not finish?)")
+        try:
+            return _load(path)
+        except (FileNotFoundError, tf.errors.NotFoundError):
+            if attempt == 2:
+                raise
+
+
+def _load(path: str):
+    loaded = tf.saved_model.load(os.path.join(path, SAVED_MODEL))
     fn = loaded.signatures["serving_default"]
-    with open(os.path.join(export_dir, LABELS_FILE)) as f:
-        names = json.load(f)
-    with open(os.path.join(export_dir, THRESHOLDS_FILE)) as f:
-        th = json.load(f)
-    thresholds = np.array([th[n] for n in names], np.float32)
+    names = files.read_json(os.path.join(path, LABELS_FILE))
+    if not isinstance(names, list):
+        raise DataError(f"{os.path.join(path, LABELS_FILE)}: expected a JSON list of label names")
+    thresholds = load_thresholds(os.path.join(path, THRESHOLDS_FILE), names).astype(np.float32)
     return (lambda x: fn(features=tf.convert_to_tensor(x, tf.float32))["probabilities"].numpy()), names, thresholds

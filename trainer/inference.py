@@ -20,7 +20,7 @@ from data_pipeline import manifest as mf
 from data_pipeline import reader
 from data_pipeline.errors import DataError
 from trainer import config as config_lib
-from trainer import evaluation, export
+from trainer import evaluation, export, files
 from trainer.metrics import compute
 from trainer.metrics import state as metric_state
 from trainer.steps import probabilities
@@ -53,11 +53,9 @@ class _Run:
 
 
 def _read_run(model_dir: str) -> _Run:
-    info_path = os.path.join(model_dir, "run_info.json")
-    if not os.path.exists(info_path):
+    info = files.read_run_info(model_dir)
+    if info is None:
         raise FileNotFoundError(f"{model_dir}: not a model directory (no run_info.json); train one first")
-    with open(info_path) as f:
-        info = json.load(f)
     return _Run(model_dir, info, config_lib.load_config(os.path.join(model_dir, "config.yaml")))
 
 
@@ -67,8 +65,6 @@ def _load_predictor(run: _Run, source: str):
     if source == "auto":
         source = "export" if _export_is_current(export_dir, latest) else "checkpoint" if latest else "export"
     if source == "export":
-        if not os.path.exists(os.path.join(export_dir, export.SAVED_MODEL)):
-            raise FileNotFoundError(f"{export_dir}: no exported model (training did not finish?)")
         fn, names, thresholds = export.load_export(export_dir)
         return fn, names, thresholds, run.info
     if latest is None:
@@ -78,8 +74,8 @@ def _load_predictor(run: _Run, source: str):
     model = build_model(run.info["num_features"], run.info["num_labels"], run.cfg.model)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     names = run.info["label_names"]
-    thresholds_path = os.path.join(export_dir, export.THRESHOLDS_FILE)
-    thresholds = compute.load_thresholds(thresholds_path, names) if os.path.exists(thresholds_path) else \
+    complete = export.find_export(export_dir)
+    thresholds = compute.load_thresholds(os.path.join(complete, export.THRESHOLDS_FILE), names) if complete else \
         np.full(len(names), 0.5, np.float32)
     predict = tf.function(lambda x: probabilities(model, x))
     log.info("loaded %s", latest)
@@ -87,10 +83,11 @@ def _load_predictor(run: _Run, source: str):
 
 
 def _export_is_current(export_dir: str, latest_checkpoint: str | None) -> bool:
-    """Whether the export exists and was written after the latest checkpoint (the run finished)."""
-    saved = os.path.join(export_dir, export.SAVED_MODEL)
-    if not os.path.exists(saved):
+    """Whether a complete export exists and was written after the latest checkpoint (the run finished)."""
+    complete = export.find_export(export_dir)
+    if complete is None:
         return False
+    saved = os.path.join(complete, export.SAVED_MODEL)
     if latest_checkpoint is None:
         return True
     index = latest_checkpoint + ".index"
@@ -154,19 +151,32 @@ def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str 
 
 
 def _load_input(path: str) -> np.ndarray:
+    """Reads a [rows, features] float32 array from .npy / .npz / .csv; errors name the file (and row)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such input file")
-    if path.endswith(".npy"):
-        return np.load(path).astype(np.float32)
-    if path.endswith(".npz"):
-        with np.load(path) as z:
-            for key in ("features", "x"):
-                if key in z:
-                    return z[key].astype(np.float32)
-        raise DataError(f"{path}: no array named 'features' or 'x'")
-    if path.endswith(".csv"):
-        return np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    raise DataError(f"{path}: unknown input format (use .npy, .npz or .csv)")
+    try:
+        if path.endswith(".npy"):
+            x = np.load(path)
+        elif path.endswith(".npz"):
+            with np.load(path) as z:
+                key = next((k for k in ("features", "x") if k in z), None)
+                if key is None:
+                    raise DataError(f"{path}: no array named 'features' or 'x'")
+                x = z[key]
+        elif path.endswith(".csv"):
+            x = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+        else:
+            raise DataError(f"{path}: unknown input format (use .npy, .npz or .csv)")
+        x = np.asarray(x, np.float32)
+    except (ValueError, OSError, EOFError) as e:  # a damaged file, pickled objects, a non-number in a CSV
+        raise DataError(f"{path}: cannot read features ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if x.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D array [rows, features], got shape {x.shape}")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise DataError(f"{path} row {bad[0]}: NaN/Inf feature value")
+    return x
 
 
 def predict_command(model_dir: str, data_dir: str | None, input_path: str | None, split: str | None, out: str,
@@ -178,7 +188,10 @@ def predict_command(model_dir: str, data_dir: str | None, input_path: str | None
     if data_dir:
         _check_shape(data_dir, info)
         split = default_split(data_dir, split)
-        probs = np.concatenate([predict(x) for x, _ in _ordered_batches(data_dir, split, batch_size)])
+        try:
+            probs = np.concatenate([predict(x) for x, _ in _ordered_batches(data_dir, split, batch_size)])
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+            raise reader.explain_data_error(data_dir, split, e) from None
     else:
         x = _load_input(input_path)
         if x.shape[1] != info["num_features"]:
@@ -186,17 +199,31 @@ def predict_command(model_dir: str, data_dir: str | None, input_path: str | None
         probs = np.concatenate([predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) \
             else np.zeros((0, len(names)), np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if out.endswith(".npz"):
-        np.savez_compressed(out, probabilities=probs, label_names=np.array(names),
-                            predictions=(probs >= thresholds).astype(np.int8), thresholds=thresholds)
-    else:
-        k = min(top_k, len(names))
-        with open(out, "w") as f:
-            for i, p in enumerate(probs):
-                top = np.argsort(-p, kind="stable")[:k]
-                f.write(json.dumps({
-                    "index": i,
-                    "top_k": [{"label": names[j], "probability": round(float(p[j]), 6)} for j in top],
-                    "labels": [names[j] for j in np.flatnonzero(p >= thresholds)]}) + "\n")
+    tmp = f"{out}.tmp-{os.getpid()}"  # renamed over --out when complete: a failed write keeps the old file
+    try:
+        with open(tmp, "wb") as f:
+            if out.endswith(".npz"):
+                np.savez_compressed(f, probabilities=probs, label_names=np.array(names),
+                                    predictions=(probs >= thresholds).astype(np.int8), thresholds=thresholds)
+            else:
+                k = min(top_k, len(names))
+                for i, p in enumerate(probs):
+                    record = _prediction_record(i, p, names, thresholds, k)
+                    f.write((json.dumps(record, allow_nan=False) + "\n").encode())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {len(probs)} predictions to {out}")
     return probs
+
+
+def _prediction_record(index: int, probs: np.ndarray, names: list[str], thresholds: np.ndarray, k: int) -> dict:
+    """One .jsonl line: the top-k labels and the thresholded label set. A NaN probability (a model whose
+    weights went NaN; input rows with NaN/Inf are refused before) is written as null, never as the invalid
+    JSON token NaN, and ranks last."""
+    top = np.argsort(-np.nan_to_num(probs, nan=-1.0), kind="stable")[:k]
+    return {"index": index,
+            "top_k": [{"label": names[j], "probability": None if np.isnan(probs[j]) else round(float(probs[j]), 6)}
+                      for j in top],
+            "labels": [names[j] for j in np.flatnonzero(probs >= thresholds)]}

@@ -33,8 +33,10 @@ from data_pipeline import manifest as mf
 from data_pipeline import reader
 from trainer import config as config_lib
 from trainer import evaluation, export, precision
+from trainer import preflight
 from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
+from trainer.lock import LockedError, ModelDirLock
 from trainer.losses import MultiLabelLoss
 from trainer.model import build_model, build_optimizer, prior_log_odds
 from trainer.progress import LogWindow, ProgressBar
@@ -76,8 +78,10 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
     """
     stop = _StopFlag()
     stop.install()
+    dir_lock = ModelDirLock(model_dir)
     try:
         run = _set_up(cfg, data_dir, model_dir, eval_data_dir, backend)
+        _lock_model_dir(run.backend, dir_lock)
         stop.install()
         _resume(run)
         with ProgressBar(run.plan.total_steps, run.plan.steps_per_epoch, run.position.step) as run.bar:
@@ -85,6 +89,7 @@ def train(cfg: config_lib.Config, data_dir: str, model_dir: str, eval_data_dir: 
             return _finish(run, ended_by)
     finally:
         stop.uninstall()
+        dir_lock.release()
 
 
 class _StopFlag:
@@ -248,6 +253,7 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     train_info = manifest.split(cfg.data.train_split, data_dir)
     plan = _make_plan(cfg, train_info.num_examples, backend)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
+    preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir)
     _check_run_info(model_dir, manifest, cfg)
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
 
@@ -273,6 +279,23 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     early_stopping = evaluation.EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_metric)
     return _Run(cfg, data_dir, model_dir, backend, policy, manifest, plan, model, optimizer, position, train_call,
                 keeper, evaluator, eval_source, early_stopping)
+
+
+def _lock_model_dir(backend: Backend, dir_lock: ModelDirLock) -> None:
+    """The chief takes the model directory's lock for the job (its workers and ranks share it). Every process
+    learns whether it got it, so that when another run holds it the whole job stops with the chief's one-line
+    error instead of the other workers waiting for the chief in their first collective."""
+    error = None
+    if backend.is_chief:
+        try:
+            dir_lock.acquire()
+        except LockedError as e:
+            error = e
+    (refused,) = backend.any_process([error is not None])
+    if error is not None:
+        raise error
+    if refused:
+        raise LockedError(f"{dir_lock.model_dir}: the chief could not lock it (see the chief's log)")
 
 
 def _make_plan(cfg, num_train_records: int, backend: Backend) -> _Plan:
