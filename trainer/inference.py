@@ -21,6 +21,7 @@ from trainer import config as config_lib
 from trainer import export
 from trainer.metrics import compute
 from trainer.metrics import state as metric_state
+from trainer.summaries import PerLabelOptions, SummaryWriters
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str 
     and ``evaluate`` must give the numbers training reported for the same model and data.
     """
     predict, names, thresholds, info = load_predictor(model_dir, source)
-    if num_bins is None:
-        num_bins = config_lib.load_config(os.path.join(model_dir, "config.yaml")).metrics.num_bins
+    run_cfg = config_lib.load_config(os.path.join(model_dir, "config.yaml"))
+    num_bins = run_cfg.metrics.num_bins if num_bins is None else num_bins
     _check_shape(data_dir, info)
     split = default_split(data_dir, split)
     update = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins))
@@ -134,6 +135,11 @@ def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str 
     print(f"evaluated {data_dir} split '{split}': {int(result.aggregates['num_examples'])} examples")
     print(compute.format_table(result))
     print(f"wrote {out} and {csv_path}")
+    # The run's TensorBoard logs get the results too, under the split's name, at the model's training step.
+    checkpoint = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    with SummaryWriters(os.path.join(model_dir, "logs"), per_label=PerLabelOptions.from_config(run_cfg.metrics)) as w:
+        w.eval_results(int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0, result, run=split)
+    print(f"wrote TensorBoard summaries to {os.path.join(model_dir, 'logs', split)}")
     return result
 
 

@@ -28,7 +28,7 @@ from trainer.checkpointing import CheckpointKeeper
 from trainer.losses import MultiLabelLoss
 from trainer.model import build_model, build_optimizer, prior_log_odds
 from trainer.steps import TRAIN_STATS, make_train_function
-from trainer.summaries import SummaryWriters
+from trainer.summaries import PerLabelOptions, SummaryWriters
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
+    if eval_source is None and backend.is_chief:
+        log.warning("nothing to evaluate during training (no per-label metrics, early stopping or tuned "
+                    "thresholds): pass --eval-data DIR with an 'eval' split, or --set data.validation_fraction=0.1")
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
 
     # The same options every epoch: the epoch number enters make_dataset's shuffle seed separately.
@@ -163,19 +166,15 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
     if backend.is_chief:
         config_lib.save_config(cfg, os.path.join(model_dir, "config.yaml"))
         _write_run_info(model_dir, manifest, cfg, data_dir)
-    writers = SummaryWriters(os.path.join(model_dir, "logs"), enabled=backend.is_chief)
+    writers = SummaryWriters(os.path.join(model_dir, "logs"), enabled=backend.is_chief,
+                             per_label=PerLabelOptions.from_config(cfg.metrics))
     log.info("%s: %d replica(s), %d worker(s), precision %s, global batch %d, %d steps/epoch, %s step %d of %d",
              backend.name, backend.num_replicas, backend.num_workers, policy, global_batch, steps_per_epoch,
              "resuming at" if step else "starting at", step, total_steps)
 
     def evaluate_and_log(at_step: int) -> evaluation.EvalResult:
         result = evaluator.run(eval_source)
-        if cfg.metrics.per_label_summaries:
-            writers.eval_results(at_step, result.metrics, manifest.label_names, cfg.metrics.pr_curve_labels or None,
-                                 cfg.metrics.num_worst_labels)
-        else:
-            writers.scalars("eval", at_step, {f"metrics/{k}": v for k, v in result.metrics.aggregates.items()})
-        writers.scalars("eval", at_step, {"loss": result.loss})
+        writers.eval_results(at_step, result.metrics, loss=result.loss)
         log.info("eval step %d: %s", at_step, evaluation.summary_line(result))
         return result
 
@@ -256,7 +255,7 @@ def _train(cfg, data_dir, model_dir, eval_data_dir, backend, stop: _StopFlag) ->
         if backend.is_chief:
             export.export_model(model, export_dir, manifest.label_names, thresholds)
             log.info("exported the model to %s", export_dir)
-        writers.hparams(config_lib.flatten(config_lib.to_dict(cfg)), final_metrics)
+        writers.hparams(config_lib.flatten(config_lib.to_dict(cfg)), final_metrics, step=step)
     writers.close()
     _maybe_dump_weights(model, backend)
     backend.barrier()
@@ -326,7 +325,7 @@ def _log_progress(writers, window, step, total_steps, epoch, optimizer, policy) 
               "epoch": epoch}
     if policy == "mixed_float16":
         values["loss_scale"] = float(optimizer.dynamic_scale.numpy())
-    writers.scalars("train", step, values)
+    writers.train_progress(step, values)
     if sys.stderr.isatty():
         sys.stderr.write("\r")
     msg = (f"step {step}/{total_steps} epoch {epoch + 1} loss {loss:.5f} lr {lr:.3g} {ex_s:,.0f} ex/s "
