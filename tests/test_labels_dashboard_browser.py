@@ -178,15 +178,17 @@ def test_table_sorting_and_filters(tensorboard, browser, expected):
     browser.find_element(By.CSS_SELECTOR, "#label-table th[data-column='label']").click()
     assert [r["label"] for r in table_rows(browser)] == sorted(expected["labels"])
 
+    # The filters redraw once typing pauses: wait for the rows to change.
     support = expected["columns"]["support"]
-    cut = float(np.median(support)) + 0.5
-    set_input(browser, "min-support", str(int(cut)))
-    kept = table_rows(browser)
+    cut = int(np.median(support)) + 1
+    kept = sorted(n for n, s in zip(expected["labels"], support) if s >= cut)
     assert 0 < len(kept) < len(expected["labels"])
-    assert sorted(r["label"] for r in kept) == sorted(n for n, s in zip(expected["labels"], support) if s >= int(cut))
+    set_input(browser, "min-support", str(cut))
+    WebDriverWait(browser, 20).until(lambda d: sorted(r["label"] for r in table_rows(d)) == kept)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#scatter circle.point")) == len(kept)  # the plot follows
     set_input(browser, "min-support", "0")
     set_input(browser, "name-filter", expected["labels"][1])
-    assert [r["label"] for r in table_rows(browser)] == [expected["labels"][1]]
+    WebDriverWait(browser, 20).until(lambda d: [r["label"] for r in table_rows(d)] == [expected["labels"][1]])
 
 
 def test_scatter_and_label_page(tensorboard, browser, expected):

@@ -173,7 +173,7 @@ def _markdown_cell(text) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _number(value: float, digits: int = 4) -> str:
+def _number(value: float, digits: int = 3) -> str:
     return "–" if np.isnan(value) else f"{value:.{digits}f}"
 
 
@@ -215,6 +215,9 @@ class SummaryWriters:
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
         self._described: set[tuple[str, str]] = set()  # (run, tag) whose description this event file has
         self._pr_curve_names: list[str] | None = None
+        self._names: tuple[str, ...] = ()  # the label names _tags and _index were made for
+        self._tags: list[str] = []
+        self._index: dict[str, int] = {}
 
     def _writer(self, run: str):
         # Created lazily so a run that is never written leaves no empty event file.
@@ -270,15 +273,23 @@ class SummaryWriters:
         self._write(run, step, summary)
         self.flush()
 
+    def _label_tags(self, names: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+        """Tag components and name -> index of the label names, computed once per label set (a second at
+        50,000 labels)."""
+        key = tuple(str(n) for n in names)
+        if key != self._names:
+            self._names, self._tags, self._index = key, sanitize_tag_names(key), {n: i for i, n in enumerate(key)}
+        return self._tags, self._index
+
     def _per_label_values(self, summary, run: str, result: MetricsResult, tuned: bool) -> None:
         names = [str(n) for n in result.label_names]
+        tags, _ = self._label_tags(names)
         pl = result.per_label
         fixed = self._pr_curve_indices(result)
         summary.MergeFrom(label_table.label_table_pb(result, describe=self._describe(run, label_table.TABLE_TAG)))
         if result.pos_hist is not None and result.neg_hist is not None:
             indices = label_table.curve_label_indices(result, fixed)
             summary.MergeFrom(label_table.pr_curves_pb(result, indices, self._describe(run, label_table.CURVES_TAG)))
-            tags = sanitize_tag_names(names)
             for i in fixed:
                 data = pr_curve_data(result.pos_hist[i], result.neg_hist[i])
                 meta = pr_metadata.create_summary_metadata(display_name=names[i], description="",
@@ -295,7 +306,6 @@ class SummaryWriters:
         for tag, text in self._ranked_tables(result, tuned).items():
             summary.MergeFrom(text_summary.text_pb(tag, text))
         if self.per_label.scalars:
-            tags = sanitize_tag_names(names)
             for metric in PER_LABEL_SCALARS:
                 for tag, value in zip(tags, np.asarray(pl[metric], np.float64)):
                     _add_scalar(summary, f"per_label/{metric}/{tag}", value)
@@ -311,7 +321,7 @@ class SummaryWriters:
     def _pr_curve_indices(self, result: MetricsResult) -> list[int]:
         """The fixed PR-curve labels: from the options, else the logdir's file, else chosen now (and saved)."""
         names = [str(n) for n in result.label_names]
-        index = {n: i for i, n in enumerate(names)}
+        _, index = self._label_tags(names)
         if self.per_label.pr_curve_labels:
             unknown = [n for n in self.per_label.pr_curve_labels if n not in index]
             if unknown:

@@ -104,7 +104,8 @@ class LabelsPlugin(base_plugin.TBPlugin):
         return bool(self._reader.runs())
 
     def frontend_metadata(self):
-        return base_plugin.FrontendMetadata(es_module_path="/static/index.js", tab_name="Labels")
+        # TensorBoard's reload button does not reach an iframed plugin: the page has its own.
+        return base_plugin.FrontendMetadata(es_module_path="/static/index.js", tab_name="Labels", disable_reload=True)
 
     @wrappers.Request.application
     def _serve_static(self, request):

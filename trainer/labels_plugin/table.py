@@ -33,7 +33,7 @@ import json
 from typing import Sequence
 
 import numpy as np
-from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.util import tensor_util
 
 from trainer.metrics.compute import BUCKETS, MetricsResult
@@ -142,8 +142,16 @@ def pr_curves_pb(result: MetricsResult, indices: np.ndarray, describe: bool = Tr
                "label_indices": [int(i) for i in indices]} if describe else {}
     summary = summary_pb2.Summary()
     summary.value.add(tag=CURVES_TAG, metadata=_metadata(content, "Per-label PR curves (Labels dashboard)"),
-                      tensor=tensor_util.make_tensor_proto(curves.astype(np.float16)))
+                      tensor=_half_tensor_proto(curves))
     return summary
+
+
+def _half_tensor_proto(values: np.ndarray) -> tensor_pb2.TensorProto:
+    """A float16 TensorProto from raw bytes (``make_tensor_proto`` converts float16 one value at a time: 1.7 s
+    for 1000 curves)."""
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in values.shape])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF, tensor_shape=shape,
+                                  tensor_content=np.ascontiguousarray(values, "<f2").tobytes())
 
 
 def parse_content(metadata: summary_pb2.SummaryMetadata) -> dict:

@@ -52,12 +52,13 @@ export function scatterPlot(points, {xLabel, yLabel, onHover, onClick}) {
   const px = (x) => box.left + (Math.log10(x) - lo) / (hi - lo) * box.width;
   const py = (y) => box.top + (1 - y) * box.height;
   const xTicks = [];
-  for (let e = lo; e <= hi; e++) xTicks.push({x: px(Math.pow(10, e)), text: e >= 0 && e < 7 ? String(Math.pow(10, e)) : `1e${e}`});
+  const powerText = (e) => (e < 0 ? `1e${e}` : ['1', '10', '100', '1k', '10k', '100k', '1M', '10M', '100M'][e] || `1e${e}`);
+  for (let e = lo; e <= hi; e++) xTicks.push({x: px(Math.pow(10, e)), text: powerText(e)});
   const yTicks = niceTicks(0, 1, 5).map((t) => ({y: py(t), text: t.toFixed(1)}));
   let body = axes(box, xTicks, yTicks, xLabel, yLabel) + '<g class="points">';
   points.forEach((p, i) => {
     body += `<circle class="point" data-i="${i}" data-label="${escapeXml(p.label)}" cx="${px(p.x).toFixed(1)}" ` +
-      `cy="${py(p.y).toFixed(1)}" r="3.5" fill="${BUCKET_COLORS[p.bucket || '']}"><title>${escapeXml(p.label)}</title></circle>`;
+      `cy="${py(p.y).toFixed(1)}" r="3.5" fill="${BUCKET_COLORS[p.bucket || '']}"/>`;  // hover: the page's tooltip
   });
   const svg = svgElement(W, H, body + '</g>', 'scatter-svg');
   const pointAt = (event) => event.target.classList && event.target.classList.contains('point') ?

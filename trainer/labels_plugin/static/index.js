@@ -204,7 +204,8 @@ function renderTable(rows) {
   const sorted = sortedRows(rows);
   const shown = state.showAll ? sorted : sorted.slice(0, ROW_LIMIT);
   const header = el('tr', {}, columns.map((c) => el('th', {
-    'data-column': c.key, title: c.help || null, class: 'sortable' + (c.key === state.sortKey ? (state.sortDesc ? ' desc' : ' asc') : ''),
+    'data-column': c.key, title: c.help || null,
+    class: 'sortable' + (c.text ? ' text' : '') + (c.key === state.sortKey ? (state.sortDesc ? ' desc' : ' asc') : ''),
     onclick: () => {
       state.sortDesc = state.sortKey === c.key ? !state.sortDesc : !c.text;
       state.sortKey = c.key;
@@ -231,9 +232,9 @@ function renderTableSection() {
     el('h3', {text: 'Every label'}),
     el('div', {class: 'filters'}, [
       el('label', {}, ['Name contains ', el('input', {id: 'name-filter', type: 'search', value: state.nameFilter,
-        oninput: (e) => { state.nameFilter = e.target.value; renderFiltered(); }})]),
+        oninput: (e) => { state.nameFilter = e.target.value; renderFilteredSoon(); }})]),
       el('label', {}, ['Min. support ', el('input', {id: 'min-support', type: 'number', min: 0, step: 1, value: state.minSupport,
-        oninput: (e) => { state.minSupport = +e.target.value || 0; renderFiltered(); }})]),
+        oninput: (e) => { state.minSupport = +e.target.value || 0; renderFilteredSoon(); }})]),
       el('span', {id: 'table-count', class: 'note'}),
       el('span', {class: 'note', text: state.table.thresholds_tuned ? ' F1 / precision / recall at the tuned thresholds.' :
         ' F1 / precision / recall at threshold 0.5 (thresholds are tuned at the end of training).'}),
@@ -242,6 +243,13 @@ function renderTableSection() {
 }
 
 function renderTableOnly() { renderTable(filteredRows()); }
+
+let filterTimer = null;
+
+function renderFilteredSoon() {  // typing into a filter redraws once it pauses (50,000 points take a while)
+  clearTimeout(filterTimer);
+  filterTimer = setTimeout(renderFiltered, 250);
+}
 
 function renderFiltered() {
   const rows = filteredRows();
