@@ -223,7 +223,8 @@ def test_two_runs_side_by_side(tensorboard, browser, expected):
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#label-table th[data-column='delta']"))
     header = browser.find_element(By.CSS_SELECTOR, "#summary-table thead tr").text
     assert "eval" in header and "train" in header
-    buckets = [r.get_attribute("data-bucket") for r in browser.find_elements(By.CSS_SELECTOR, "#summary-table tbody tr")]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#summary-table tbody tr")
+    buckets = [r.get_attribute("data-bucket") for r in rows]
     assert buckets == ["all", "head", "torso", "tail"]
     deltas = numbers([r["delta"] for r in table_rows(browser)])
     assert len(deltas) == len(expected["labels"]) and any(d is not None for d in deltas)

@@ -108,7 +108,7 @@ def test_routes(tmp_path, results):
     assert json.loads(client.get("/table?run=eval&step=5").data)["step"] == 5
 
     name = results[0].label_names[3]
-    label = json.loads(client.get("/label?" + "&".join([f"run=eval", f"label={name.replace(' ', '+')}", "step=10"])).data)
+    label = json.loads(client.get("/label", query_string={"run": "eval", "label": name, "step": 10}).data)
     assert label["steps"] == [5, 10, 15]
     np.testing.assert_allclose(label["history"]["pr_auc"], [r.per_label["pr_auc"][3] for r in results], atol=1e-6)
     thresholds, curves = fmt.curve_points(results[1].pos_hist[3:4], results[1].neg_hist[3:4])

@@ -332,7 +332,8 @@ class SummaryWriters:
             with tf.io.gfile.GFile(path) as f:
                 self._pr_curve_names = json.load(f)
         if self._pr_curve_names is None or any(n not in index for n in self._pr_curve_names):
-            self._pr_curve_names = [names[i] for i in choose_pr_curve_labels(result, min_support=self.per_label.min_support)]
+            chosen = choose_pr_curve_labels(result, min_support=self.per_label.min_support)
+            self._pr_curve_names = [names[i] for i in chosen]
             tf.io.gfile.makedirs(self.logdir)
             with tf.io.gfile.GFile(path + ".tmp", "w") as f:
                 json.dump(self._pr_curve_names, f)

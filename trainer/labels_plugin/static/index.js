@@ -177,7 +177,9 @@ function renderScatter(rows) {
     onHover: (p, event) => {
       if (!p) { tip.hidden = true; return; }
       tip.hidden = false;
-      tip.textContent = `${p.label} — ${metricName} ${fmt(p.y)}, ${fmt(p.row[xKey], 'count')} ${useTrain ? 'training' : 'evaluation'} positives, support ${fmt(p.row.support, 'count')}`;
+      const kind = useTrain ? 'training' : 'evaluation';
+      tip.textContent = `${p.label} — ${metricName} ${fmt(p.y)}, ${fmt(p.row[xKey], 'count')} ${kind} positives, ` +
+        `support ${fmt(p.row.support, 'count')}`;
       tip.style.left = `${event.offsetX + 12}px`;
       tip.style.top = `${event.offsetY + 12}px`;
     },
