@@ -107,9 +107,11 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class MetricsConfig:
     num_bins: int = 200  # threshold histogram resolution (memory: labels x bins)
-    per_label_summaries: bool = True
-    pr_curve_labels: list[str] = dataclasses.field(default_factory=list)  # default: most frequent + worst
-    num_worst_labels: int = 10
+    per_label_summaries: bool = True  # per-label table (Labels dashboard), PR curves, worst/best labels
+    per_label_scalars: bool = False  # also per_label/<metric>/<label> scalars: 5 tags per label
+    pr_curve_labels: list[str] = dataclasses.field(default_factory=list)  # default: 10 from head to tail
+    num_worst_labels: int = 10  # rows of the worst / best labels tables
+    min_support: int = 10  # evaluation positives a label needs to be ranked worst / best
     tune_thresholds: bool = True
     min_positives_for_threshold: int = 5
 
@@ -236,6 +238,7 @@ def validate(cfg: Config) -> Config:
         ("checkpoint.every_seconds", cfg.checkpoint.every_seconds >= 0, "must be >= 0"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("metrics.num_bins", 10 <= cfg.metrics.num_bins <= 10000, "must be in [10, 10000]"),
+        ("metrics.min_support", cfg.metrics.min_support >= 0, "must be >= 0"),
     ]
     for key, ok, why in checks:
         if not ok:

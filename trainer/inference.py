@@ -24,6 +24,7 @@ from trainer import evaluation, export, files
 from trainer.metrics import compute
 from trainer.metrics import state as metric_state
 from trainer.steps import probabilities
+from trainer.summaries import PerLabelOptions, SummaryWriters
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str 
     print(f"evaluated {data_dir} split '{split}': {int(result.aggregates['num_examples'])} examples")
     print(compute.format_table(result))
     print(f"wrote {out} and {csv_path}")
+    # The run's TensorBoard logs get the results too, under the split's name, at the model's training step.
+    checkpoint = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    with SummaryWriters(os.path.join(model_dir, "logs"), per_label=PerLabelOptions.from_config(run.cfg.metrics)) as w:
+        w.eval_results(int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0, result, run=split)
+    print(f"wrote TensorBoard summaries to {os.path.join(model_dir, 'logs', split)}")
     return result
 
 

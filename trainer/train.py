@@ -41,7 +41,7 @@ from trainer.losses import MultiLabelLoss
 from trainer.model import build_model, build_optimizer, prior_log_odds
 from trainer.progress import LogWindow, ProgressBar
 from trainer.steps import CallStats, make_train_function
-from trainer.summaries import SummaryWriters
+from trainer.summaries import PerLabelOptions, SummaryWriters
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,9 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     plan = _make_plan(cfg, train_info.num_examples, backend)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
     preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir)
+    if eval_source is None and backend.is_chief:
+        log.warning("nothing to evaluate during training (no per-label metrics, early stopping or tuned "
+                    "thresholds): pass --eval-data DIR with an 'eval' split, or --set data.validation_fraction=0.1")
     _check_run_info(model_dir, manifest, cfg)
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
 
@@ -327,7 +330,8 @@ def _resume(run: _Run) -> None:
     if backend.is_chief:
         config_lib.save_config(run.cfg, os.path.join(run.model_dir, "config.yaml"))
         _write_run_info(run.model_dir, run.manifest, run.cfg, run.data_dir)
-    run.writers = SummaryWriters(os.path.join(run.model_dir, "logs"), enabled=backend.is_chief)
+    run.writers = SummaryWriters(os.path.join(run.model_dir, "logs"), enabled=backend.is_chief,
+                                 per_label=PerLabelOptions.from_config(run.cfg.metrics))
     log.info("%s: %d replica(s), %d worker(s), precision %s, global batch %d, %d steps/epoch, %s step %d of %d",
              backend.name, backend.num_replicas, backend.num_workers, run.precision, run.plan.global_batch,
              run.plan.steps_per_epoch, "resuming at" if step else "starting at", step, run.plan.total_steps)
@@ -433,13 +437,7 @@ def _eval_due(run: _Run, step: int, epoch_ended: bool) -> bool:
 def _evaluate(run: _Run, step: int) -> evaluation.EvalResult:
     """One evaluation pass, written to the eval summaries and the log."""
     result = run.evaluator.run(run.eval_source)
-    metrics_cfg = run.cfg.metrics
-    if metrics_cfg.per_label_summaries:
-        run.writers.eval_results(step, result.metrics, run.manifest.label_names, metrics_cfg.pr_curve_labels or None,
-                                 metrics_cfg.num_worst_labels)
-    else:
-        run.writers.scalars("eval", step, {f"metrics/{k}": v for k, v in result.metrics.aggregates.items()})
-    run.writers.scalars("eval", step, {"loss": result.loss})
+    run.writers.eval_results(step, result.metrics, loss=result.loss)
     log.info("eval step %d: %s", step, evaluation.summary_line(result))
     run.last_eval = (step, result)
     return result
@@ -453,7 +451,7 @@ def _log_progress(run: _Run, step: int, epoch: int) -> None:
               "step_time_ms": window.step_ms, "epoch": epoch}
     if run.precision == "mixed_float16":
         values["loss_scale"] = float(optimizer.dynamic_scale.numpy())
-    run.writers.scalars("train", step, values)
+    run.writers.train_progress(step, values)
     log.info(f"step {step}/{run.plan.total_steps} epoch {epoch + 1} loss {window.mean_loss:.5f} lr {lr:.3g} "
              f"{window.examples_per_second:,.0f} ex/s {window.step_ms:.1f} ms/step")
     window.reset()
@@ -478,7 +476,7 @@ def _finish(run: _Run, ended_by: str) -> TrainResult:
         if run.backend.is_chief:
             export.export_model(run.model, result.export_dir, run.manifest.label_names, thresholds)
             log.info("exported the model to %s", result.export_dir)
-        run.writers.hparams(config_lib.flatten(config_lib.to_dict(run.cfg)), result.final_metrics)
+        run.writers.hparams(config_lib.flatten(config_lib.to_dict(run.cfg)), result.final_metrics, step=step)
     run.writers.close()
     _maybe_dump_weights(run.model, run.backend)
     run.backend.barrier()

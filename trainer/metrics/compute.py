@@ -52,7 +52,8 @@ class MetricsResult:
     Attributes:
       aggregates: ``{name: float}``; see :func:`compute_metrics` for the keys.
       per_label: ``{name: float64 array [L]}`` with ``roc_auc``, ``pr_auc``, ``precision``,
-        ``recall``, ``f1``, ``support``, ``pred_pos_rate``, ``threshold``.
+        ``recall``, ``f1``, ``support``, ``pred_pos_rate``, ``threshold``, ``train_count`` (NaN
+        without training counts).
       label_names: the label names, in state order.
       buckets: ``[L]`` array of ``head``/``torso``/``tail`` or None without training counts.
       pos_hist, neg_hist: the ``[L, K]`` histograms the values came from (references, not
@@ -190,6 +191,8 @@ def compute_metrics(
         "support": support,
         "pred_pos_rate": _divide(np.asarray(state["pred_pos"], np.float64), np.full(num_labels, n)),
         "threshold": thresholds,
+        "train_count": np.full(num_labels, np.nan) if train_label_counts is None
+        else np.asarray(train_label_counts, np.float64).reshape(-1),
     }
     micro_roc, micro_ap = histogram_auc(pos_hist.sum(0), neg_hist.sum(0))
     stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
@@ -348,10 +351,11 @@ def per_label_csv(result: MetricsResult, label_names: Sequence[str] | None, path
             w.writerow([name] + ["" if np.isnan(v) else f"{v:.6g}" for v in vals])
 
 
-def worst_labels(result: MetricsResult, k: int = 10) -> np.ndarray:
-    """Indices of the k labels with the lowest PR-AUC among labels with positives."""
+def worst_labels(result: MetricsResult, k: int = 10, min_support: float = 0) -> np.ndarray:
+    """Indices of the k labels with the lowest PR-AUC among labels with positives (and at least
+    ``min_support`` of them: a PR-AUC over a handful of positives is mostly noise)."""
     ap = result.per_label["pr_auc"]
-    idx = np.flatnonzero(~np.isnan(ap))
+    idx = np.flatnonzero(~np.isnan(ap) & (result.per_label["support"] >= min_support))
     return idx[np.argsort(ap[idx], kind="stable")][:k]
 
 
