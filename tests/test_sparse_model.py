@@ -4,30 +4,24 @@ a checkpoint round trip, and under MirroredStrategy (2 logical CPUs) against one
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import mirrored_backend
+from conftest import REPO_ROOT, mirrored_backend
+from sparse_training import F, L, SparseRun, sparse_data
 from trainer.backends import StrategyBackend, make_backend
 from trainer.checkpointing import CheckpointKeeper
-from trainer.config import ConfigError, LossConfig, ModelConfig, OptimizerConfig
-from trainer.losses import MultiLabelLoss
+from trainer.config import ConfigError, ModelConfig
 from trainer.model import build_model
-from trainer.optimizers import build_optimizer
-from trainer.steps import make_train_function
-
-F, L = 120, 6  # features, labels
 
 
-def sparse_data(num_examples: int, seed: int = 0, density: float = 0.04):
-    """Dense features with a few non-zeros per row (the last 20 features never occur) and labels they predict."""
-    rng = np.random.default_rng(seed)
-    x = (rng.random((num_examples, F)) < density) * rng.uniform(0.5, 3.0, (num_examples, F))
-    x[:, -20:] = 0.0
-    y = (x @ rng.normal(size=(F, L)) > 0.5).astype(np.float32)
-    return x.astype(np.float32), y
+HOROVOD_ENV = Path(os.environ["MLT_HOROVOD_ENV"]) if os.environ.get("MLT_HOROVOD_ENV") else REPO_ROOT / ".venv-horovod"
 
 
 def test_sparse_model_equals_the_dense_model_on_the_same_weights():
@@ -68,40 +62,6 @@ def test_sparse_input_dropout_drops_stored_values_only_in_training():
 def test_l2_with_sparse_features_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^model\.l2: .*weight_decay"):
         build_model(F, L, ModelConfig(hidden=[4], l2=1e-4), sparse_features=True)
-
-
-def _dataset(x, y, batch):
-    return tf.data.Dataset.from_tensor_slices((tf.sparse.from_dense(x), y)).batch(batch, drop_remainder=True)
-
-
-class SparseRun:
-    """A sparse model, its optimizer (AdamW with weight decay) and trainer/steps.py's train function."""
-
-    def __init__(self, backend, global_batch: int, cfg: ModelConfig = ModelConfig(hidden=[8]), seed: int = 0):
-        self.backend, self.global_batch = backend, global_batch
-        keras.utils.set_random_seed(seed)
-        with backend.scope():
-            self.model = build_model(F, L, cfg, seed=seed, sparse_features=True)
-            self.optimizer = build_optimizer(
-                OptimizerConfig(name="adamw", learning_rate=0.05, weight_decay=0.1), global_batch, total_steps=100,
-                loss_scale=keras.mixed_precision.global_policy().name == "mixed_float16")
-            self.optimizer.build(self.model.trainable_variables)
-        self.train_fn = make_train_function(backend, self.model, self.optimizer, MultiLabelLoss(LossConfig(), L),
-                                            global_batch)
-
-    def train(self, x, y, steps: int) -> np.ndarray:
-        """``steps`` steps over the batches of (x, y) in order, from the first, one per call (see
-        test_mirrored_sparse_training_equals_one_device_on_the_same_global_batches); returns the summed stats."""
-        per_replica = self.global_batch // self.backend.num_replicas
-        iterator = iter(self.backend.distribute_dataset(lambda ctx: _dataset(x, y, per_replica).repeat()))
-        return sum(self.train_fn(iterator, tf.constant(1), tf.zeros([2])).numpy() for _ in range(steps))
-
-    def loss(self, x, y) -> float:
-        logits = self.model(tf.sparse.from_dense(x), training=False)
-        return float(tf.reduce_mean(MultiLabelLoss(LossConfig(), L)(y, logits)))
-
-    def kernel(self) -> np.ndarray:
-        return self.model.get_layer("hidden_0").kernel.numpy()
 
 
 def test_sparse_training_updates_only_the_rows_it_uses():
@@ -179,10 +139,7 @@ class RowSparseStrategyBackend(StrategyBackend):
 
 def test_mirrored_sparse_training_equals_one_device_on_the_same_global_batches():
     """Keras sums the replicas' IndexedSlices by concatenating them (duplicate rows across replicas); the
-    optimizer adds the duplicates up, so 2 replicas of 16 make the same update as one device on 32.
-
-    One step per call: TF 2.21's all-gather of IndexedSlices (CollectiveGatherV2) fails with "Shape mismatch in
-    the collective instance" when a call loops over several steps whose slices have different row counts."""
+    optimizer adds the duplicates up, so 2 replicas of 16 make the same update as one device on 32."""
     x, y = sparse_data(128)
     mirrored = mirrored_backend()
     two = SparseRun(RowSparseStrategyBackend("mirrored", mirrored.strategy), 32)
@@ -197,3 +154,43 @@ def test_mirrored_sparse_training_equals_one_device_on_the_same_global_batches()
         np.testing.assert_allclose(component.numpy(), one.kernel(), rtol=1e-4, atol=1e-6)
     # Lazy on both: the features that never occur kept their initial rows (dense AdamW would decay them).
     np.testing.assert_array_equal(two.kernel()[-20:], initial[-20:])
+
+
+_HOROVOD_JOB = r"""
+import sys
+import numpy as np
+from sparse_training import SparseRun, sparse_data
+from trainer.backends import make_backend
+
+backend = make_backend(sys.argv[1])
+run = SparseRun(backend, 32)
+backend.broadcast_initial_state(run.model.variables + run.optimizer.variables)
+x, y = sparse_data(128)
+run.train(x, y, steps=4, steps_per_call=2)  # several steps per call: Horovod's allgather has no such limit
+np.savez(sys.argv[2].format(rank=backend.worker_index), *run.model.get_weights())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_horovod_sparse_training_equals_one_process(tmp_path):
+    """Horovod's grouped_allreduce (HorovodBackend.reduce_gradients as it is) sums IndexedSlices by allgathering
+    values and indices, never densifying them; 2 ranks of 16 then train like one process on 32."""
+    horovodrun = HOROVOD_ENV / "bin" / "horovodrun" if HOROVOD_ENV else None
+    if horovodrun is None or not horovodrun.exists():
+        pytest.skip("no Horovod environment (set MLT_HOROVOD_ENV)")
+    python = str(HOROVOD_ENV / "bin" / "python")
+    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT / 'tests'}{os.pathsep}{REPO_ROOT}", TF_CPP_MIN_LOG_LEVEL="2")
+    env = {k: v for k, v in env.items() if not k.startswith(("HOROVOD_", "OMPI_", "PMI_", "TF_CONFIG"))}
+    out = str(tmp_path / "weights-{rank}-" )
+    jobs = {"horovod": [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", python, "-c", _HOROVOD_JOB,
+                        "horovod", out + "hvd.npz"],
+            "one_device": [python, "-c", _HOROVOD_JOB, "one_device", out + "one.npz"]}
+    for name, cmd in jobs.items():
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    reference = np.load(tmp_path / "weights-0-one.npz")
+    for rank in (0, 1):
+        weights = np.load(tmp_path / f"weights-{rank}-hvd.npz")
+        for key in reference.files:
+            np.testing.assert_allclose(weights[key], reference[key], rtol=1e-4, atol=1e-6, err_msg=f"rank {rank} {key}")
