@@ -74,14 +74,18 @@ class Evaluator:
 
     def __init__(self, backend: Backend, model, loss_fn, manifest: mf.Manifest, cfg, thresholds=None):
         self.backend, self.manifest, self.cfg = backend, manifest, cfg
-        self.num_bins = cfg.metrics.num_bins
+        self.num_bins = metric_state.histogram_bins(manifest.num_labels, cfg.metrics.num_bins,
+                                                    cfg.metrics.histogram_budget_mib)
         self.thresholds = np.full(manifest.num_labels, 0.5, np.float32) if thresholds is None else \
             np.asarray(thresholds, np.float32)
-        state_fn = functools.partial(metric_state.batch_metric_state, thresholds=tf.constant(self.thresholds),
-                                     num_bins=self.num_bins)
-        self.eval_fn = make_eval_function(backend, model, loss_fn, state_fn)
         split = cfg.data.train_split
-        self.train_counts = manifest.splits[split].label_counts if split in manifest.splits else None
+        train = manifest.splits.get(split)
+        self.train_counts = train.label_counts if train else None
+        inv_propensity = None if train is None else tf.constant(compute.inverse_propensity(
+            train.label_counts, train.num_examples, cfg.metrics.propensity_a, cfg.metrics.propensity_b), tf.float32)
+        state_fn = functools.partial(metric_state.batch_metric_state, thresholds=tf.constant(self.thresholds),
+                                     num_bins=self.num_bins, inv_propensity=inv_propensity)
+        self.eval_fn = make_eval_function(backend, model, loss_fn, state_fn)
 
     def run(self, source: EvalSource) -> EvalResult:
         """One pass over ``source``; returns metrics computed from the globally summed state."""

@@ -111,11 +111,18 @@ def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str 
     and ``evaluate`` must give the numbers training reported for the same model and data.
     """
     predict, names, thresholds, info = load_predictor(model_dir, source)
+    run_metrics = config_lib.load_config(os.path.join(model_dir, "config.yaml")).metrics
     if num_bins is None:
-        num_bins = config_lib.load_config(os.path.join(model_dir, "config.yaml")).metrics.num_bins
+        num_bins = metric_state.histogram_bins(len(names), run_metrics.num_bins, run_metrics.histogram_budget_mib)
+    inv_propensity = None  # PSP@k / PSnDCG@k need the training set's size (run_info.json of newer runs)
+    if "num_train_examples" in info:
+        inv_propensity = tf.constant(compute.inverse_propensity(
+            info["label_counts"], info["num_train_examples"], run_metrics.propensity_a, run_metrics.propensity_b),
+            tf.float32)
     _check_shape(data_dir, info)
     split = default_split(data_dir, split)
-    update = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins))
+    update = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins,
+                                                                      inv_propensity=inv_propensity))
     acc = metric_state.zero_state(len(names), num_bins)
     try:
         for x, y in _ordered_batches(data_dir, split, batch_size):
