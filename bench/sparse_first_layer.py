@@ -1,13 +1,18 @@
-"""The row-sparse (lazy) Adam update of the sparse first layer against Keras 3's AdamW, in one run.
+"""The sparse first layer and its row-sparse (lazy) Adam update, against the alternatives, in one run.
 
 Usage:
-  python bench/sparse_optimizer.py [--features F] [--nonzeros K] [--width W] [--labels L] [--batch-size B]
-                                   [--steps N] [--json FILE]
+  python bench/sparse_first_layer.py [--features F] [--nonzeros K] [--width W] [--labels L] [--batch-size B]
+                                     [--steps N] [--json FILE]
 
 Shape (defaults): F = 100,000 features, about K = 100 non-zeros per example (feature ids drawn from a Zipf
 law, so a batch shares its frequent features), first layer width W = 2048, batch B = 256. Measured one after
 the other in this process (wall and CPU ms per step, median over ``--steps`` steps after a warm-up):
 
+  layer: forward and backward (kernel gradient) of x [B, F] sparse times the [F, W] kernel:
+      (a) tf.nn.embedding_lookup_sparse(kernel, ids, values, combiner="sum"),
+      (b) tf.sparse.sparse_dense_matmul(x, kernel): reads the whole kernel; dense [F, W] gradient,
+      (c) trainer.model.SparseDense: unique feature ids, gather of their rows, sparse_dense_matmul of x
+          re-indexed onto them.
   update alone: ``apply_gradients`` of one batch's first-layer gradient (tf.IndexedSlices over the rows the
     batch uses) to the [F, W] kernel:
       (a) keras.optimizers.AdamW as it is (it converts the slices to a dense [F, W] gradient),
@@ -18,8 +23,9 @@ the other in this process (wall and CPU ms per step, median over ``--steps`` ste
     (one device) from an in-memory sparse batch, with (a) Keras' AdamW in Keras' LossScaleOptimizer and
     (b) trainer.optimizers.build_optimizer.
 
-Prints the figures and the ratios a/b; ``--json FILE`` writes them (keys update_ms, step_ms, update_keras_vs_lazy,
-step_keras_vs_lazy).
+Prints the figures and the ratios a/b; ``--json FILE`` writes them (keys layer_ms, update_ms, step_ms,
+update_keras_vs_lazy, step_keras_vs_lazy). Layer (b) runs on a kernel no sparse op has touched: once a gather
+or scatter has used a variable, every dense read of it copies it whole.
 """
 
 from __future__ import annotations
@@ -75,13 +81,33 @@ def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def first_layer_gradient(x, width: int) -> tf.IndexedSlices:
-    """The kernel gradient of a SparseDense layer for batch ``x`` and a random upstream gradient."""
-    layer = build_model(x.dense_shape[1], 1, ModelConfig(hidden=[width]), sparse_features=True).get_layer("hidden_0")
-    with tf.GradientTape() as tape:
-        out = layer(x)
-        loss = tf.reduce_sum(out * tf.random.stateless_normal(tf.shape(out), [0, 1]))
-    return tape.gradient(loss, layer.kernel)
+def layer_timings(x, width: int, steps: int) -> tuple[dict, tf.IndexedSlices]:
+    """Forward + kernel gradient of the three forms of the first layer; returns their timings and (c)'s gradient."""
+    num_features = int(x.dense_shape[1])
+    upstream = tf.random.stateless_normal([int(x.dense_shape[0]), width], [0, 1])
+    layer = build_model(num_features, 1, ModelConfig(hidden=[width]), sparse_features=True).get_layer("hidden_0")
+
+    def lookup(kernel):
+        ids = tf.SparseTensor(x.indices, x.indices[:, 1], x.dense_shape)
+        return tf.nn.embedding_lookup_sparse(kernel, ids, x, combiner="sum")
+
+    forms = [("(a) embedding_lookup_sparse", lookup, tf.Variable(tf.zeros([num_features, width]))),
+             ("(b) sparse_dense_matmul, whole kernel", lambda kernel: tf.sparse.sparse_dense_matmul(x, kernel),
+              tf.Variable(tf.zeros([num_features, width]))),
+             ("(c) SparseDense", lambda kernel: layer(x), layer.kernel.value)]
+    timings, grad = {}, None
+    for name, form, kernel in forms:
+        def forward_backward(form=form, kernel=kernel):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(form(kernel) * upstream)
+            return tape.gradient(loss, kernel)
+
+        step = tf.function(forward_backward)
+        timings[name] = timed(lambda: tf.nest.flatten(step(), expand_composites=True)[0].numpy(), steps, warmup=2)
+        grad = step()
+        print(f"  layer  {name:<34s} {timings[name][0]:9.1f} ms wall {timings[name][1]:9.1f} ms CPU "
+              f"(gradient: {type(grad).__name__})", flush=True)
+    return timings, grad
 
 
 def update_alone(name: str, optimizer, grad, num_features: int, width: int, steps: int) -> tuple[float, float]:
@@ -121,10 +147,12 @@ def main(argv=None) -> dict:
 
     x, y = sparse_examples(4 * args.batch_size, args.features, args.nonzeros, args.labels)
     first = tf.sparse.slice(x, [0, 0], [args.batch_size, args.features])
-    grad = first_layer_gradient(first, args.width)
     print(f"F={args.features:,} width={args.width} batch={args.batch_size}: "
-          f"{first.values.shape[0] / args.batch_size:.0f} non-zeros per example, "
-          f"{grad.indices.shape[0]:,} of {args.features:,} rows in the first batch's gradient", flush=True)
+          f"{first.values.shape[0] / args.batch_size:.0f} non-zeros per example; "
+          f"TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC', '')}", flush=True)
+    layer, grad = layer_timings(first, args.width, args.steps)
+    print(f"  {grad.indices.shape[0]:,} of {args.features:,} rows in the first batch's gradient", flush=True)
+    gc.collect()
     update, step = {}, {}
     update["keras"] = update_alone("(a) keras AdamW (densifies)", keras.optimizers.AdamW(1e-3), grad,
                                    args.features, args.width, args.steps)
@@ -144,7 +172,7 @@ def main(argv=None) -> dict:
     print(f"update: keras/lazy {ratios['update_keras_vs_lazy']:.1f}x (CPU {update['keras'][1] / update['lazy'][1]:.1f}x)"
           f"   whole step: keras/lazy {ratios['step_keras_vs_lazy']:.1f}x "
           f"(CPU {step['keras'][1] / step['lazy'][1]:.1f}x)")
-    result = {"update_ms": update, "step_ms": step, **ratios, "shape": vars(args)}
+    result = {"layer_ms": layer, "update_ms": update, "step_ms": step, **ratios, "shape": vars(args)}
     if args.json:
         write_json(args.json, result)
     return result
