@@ -490,3 +490,34 @@ def test_one_list_of_aggregate_names(data):
 
     for name in ("psp@5", "psndcg@1", "lrap"):
         assert load_config(None, [f"train.early_stopping_metric={name}"]).train.early_stopping_metric == name
+
+
+def test_evaluator_reports_propensity_scored_metrics_from_training_counts(tiny_data):
+    """What training's evaluation (and TensorBoard) reports: PSP@k / PSnDCG@k of the model on the eval split,
+    with propensities from the train split's counts and metrics.propensity_a/b, as the NumPy reference."""
+    from data_pipeline import manifest as mf
+    from data_pipeline import reader
+    from trainer import evaluation
+    from trainer.backends import make_backend
+    from trainer.config import load_config
+    from trainer.losses import MultiLabelLoss
+    from trainer.model import build_model
+
+    cfg = load_config(None, ["model.hidden=[8]", "train.batch_size=64", "metrics.propensity_a=0.6",
+                             "metrics.propensity_b=2.6"])
+    manifest = mf.read_manifest(tiny_data)
+    model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=0)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(scale=0.5, size=w.shape).astype(np.float32) for w in model.get_weights()])
+    result = evaluation.Evaluator(make_backend("one_device"), model, MultiLabelLoss(cfg.loss, manifest.num_labels),
+                                  manifest, cfg).run(evaluation.EvalSource(tiny_data, "eval"))
+    options = reader.ReaderOptions(shuffle=False, repeat=False, deterministic=True)
+    x, y = (np.concatenate(a) for a in zip(*[(xb.numpy(), yb.numpy())
+                                             for xb, yb in reader.make_dataset(tiny_data, "eval", 256, options=options)]))
+    probs = 1 / (1 + np.exp(-model.predict(x, verbose=0).astype(np.float64)))
+    train = manifest.splits["train"]
+    inv = compute.inverse_propensity(train.label_counts, train.num_examples, a=0.6, b=2.6)
+    for k in (1, 3, 5):
+        psp, psndcg = psp_reference(y, probs.astype(np.float32), inv, k)
+        assert result.metrics.aggregates[f"psp@{k}"] == pytest.approx(psp, rel=1e-5)
+        assert result.metrics.aggregates[f"psndcg@{k}"] == pytest.approx(psndcg, rel=1e-5)
