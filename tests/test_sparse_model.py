@@ -1,6 +1,6 @@
 """Sparse features: build_model(sparse_features=True) over a tf.SparseTensor, trained by the step of
 trainer/steps.py with the lazy row-sparse optimizer update -- against the dense model, through mixed precision,
-a checkpoint round trip, and under MirroredStrategy (2 logical CPUs) against one device."""
+a checkpoint round trip, and under MirroredStrategy (2 logical CPUs) and Horovod (2 ranks) against one device."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.backends import tf_variable
 from trainer.config import OptimizerConfig
 
 
@@ -107,7 +108,7 @@ class _AdamUpdates:
 
     def _slots(self, variable):
         index = self._get_variable_index(variable)
-        return tuple(_tf_variable(s[index]) for s in (self._momentums, self._velocities))
+        return tuple(tf_variable(s[index]) for s in (self._momentums, self._velocities))
 
     def _betas(self, dtype):
         step = tf.cast(self.iterations + 1, dtype)
@@ -141,10 +142,6 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
     def check_finite(self, grads):
         return super().check_finite([g.values if isinstance(g, tf.IndexedSlices) else g for g in grads])
-
-
-def _tf_variable(v):
-    return v.value if isinstance(v, keras.Variable) else v
 
 
 def build_optimizer(cfg: OptimizerConfig, global_batch_size: int, total_steps: int,
