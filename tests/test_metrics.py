@@ -11,7 +11,8 @@ import tensorflow as tf
 from sklearn import metrics as skm
 
 from trainer.metrics import compute
-from trainer.metrics.state import STATE_KEYS, accumulate, batch_metric_state, state_shapes, zero_state
+from trainer.metrics.state import (STATE_KEYS, accumulate, batch_metric_state, histogram_bins, state_bytes, state_shapes,
+                                    zero_state)
 
 K = 1000  # histogram bins for the sklearn comparisons
 
@@ -355,3 +356,168 @@ def test_under_mirrored_strategy(data, tmp_path):
     whole = batch_metric_state(y, p, t, 20)
     for key in STATE_KEYS:
         np.testing.assert_allclose(np.array(reduced[key]), whole[key].numpy(), rtol=1e-6, err_msg=key)
+
+
+# --- Propensity-scored metrics ----------------------------------------------------------------------------
+
+def test_inverse_propensity_by_hand():
+    # A = 0.5, B = 1, N = 100: C = (ln 100 - 1) * sqrt(2) = 3.605170 * 1.414214 = 5.098481, and
+    # 1/p = 1 + C / sqrt(N_l + 1): N_l = 0 -> 6.098481, 3 -> 1 + C/2 = 3.549240, 99 -> 1 + C/10 = 1.509848.
+    np.testing.assert_allclose(compute.inverse_propensity([0, 3, 99], 100, a=0.5, b=1.0),
+                               [6.098481, 3.549240, 1.509848], atol=1e-6)
+    # Rarer labels weigh more; the defaults are the usual A = 0.55, B = 1.5.
+    inv = compute.inverse_propensity([0, 10, 1000], 10_000)
+    assert inv[0] > inv[1] > inv[2] > 1.0
+    assert compute.PROPENSITY_PARAMETERS["default"] == (0.55, 1.5)
+
+
+def test_psp_and_psndcg_by_hand():
+    """Two examples, four labels with inverse propensities 1, 2, 4, 8.
+
+    Example 1: positives {0, 2, 3}, ranking 0, 1, 2, 3. Weighted hits in rank order 1, 0, 4, 8; the best
+      ranking of its positives gives 8, 4, 1.  Top 1: 1 of best 8. Top 3: 1+0+4 = 5 of 8+4+1 = 13.
+      Top 5 (= all 4 labels): 13 of 13.
+    Example 2: positive {1}, ranking 2, 3, 1, 0. Weighted hits 0, 0, 2, 0; best 2.
+      Top 1: 0 of 2. Top 3: 2 of 2. Top 5: 2 of 2.
+    PSP@k = sum of hits / sum of best: PSP@1 = 1/10, PSP@3 = 7/15, PSP@5 = 15/15.
+    PSnDCG: discounts d = 1, 1/log2(3), 1/2, 1/log2(5); each example's DCGs divided by its ideal DCG of
+      min(k, #positives) ones: example 1 (3 positives) 1, 1 + d1 + 1/2 at k = 3 and 5; example 2 (1) 1.
+      k=1: (1/1 + 0) / (8/1 + 2/1) = 1/10.
+      k=3: (3/I3 + (2*1/2)/1) / ((8 + 4 d1 + 1/2)/I3 + 2/1), I3 = 1 + d1 + 1/2 (example 1: 1 + 4*1/2 = 3).
+      k=5: ((3 + 8 d3)/I3 + 1) / ((8 + 4 d1 + 1/2)/I3 + 2).
+    """
+    y = np.array([[1, 0, 1, 1], [0, 1, 0, 0]], np.float32)
+    p = np.array([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.9, 0.3]], np.float32)
+    inv = np.array([1.0, 2.0, 4.0, 8.0])
+    state = {k: v.numpy() for k, v in batch_metric_state(y, p, np.full(4, 0.5), 10, inv_propensity=inv).items()}
+    agg = compute.compute_metrics(state, list("abcd"), 0.5).aggregates
+    d1, d3 = 1 / np.log2(3), 1 / np.log2(5)
+    i3 = 1 + d1 + 0.5
+    best = (8 + 4 * d1 + 0.5) / i3 + 2
+    expected = {"psp@1": 1 / 10, "psp@3": 7 / 15, "psp@5": 1.0,
+                "psndcg@1": 1 / 10, "psndcg@3": (3 / i3 + 1) / best, "psndcg@5": ((3 + 8 * d3) / i3 + 1) / best}
+    for key, value in expected.items():
+        assert agg[key] == pytest.approx(value, rel=1e-6), key
+
+
+def psp_reference(y, p, inv, k):
+    """PSP@k and PSnDCG@k as pyxclib's xc_metrics computes them (numerators and denominators summed)."""
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    gains = np.take_along_axis(y * inv, order, axis=1)
+    best = -np.sort(-(y * inv), axis=1)[:, :k]
+    disc = 1 / np.log2(np.arange(k) + 2)
+    ideal = np.array([disc[:min(int(n), k)].sum() for n in y.sum(1)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ndcg = np.where(ideal > 0, (gains * disc[:gains.shape[1]]).sum(1) / ideal, 0.0)
+        best_ndcg = np.where(ideal > 0, (best * disc[:best.shape[1]]).sum(1) / ideal, 0.0)
+    return gains.sum() / best.sum(), ndcg.sum() / best_ndcg.sum()
+
+
+def test_propensity_scored_metrics_match_a_numpy_reference(ranking_data):
+    y, p = ranking_data
+    counts = np.random.default_rng(5).integers(0, 50, size=40)
+    inv = compute.inverse_propensity(counts, 500)
+    acc = zero_state(40, 20)
+    for start in (0, 64, 128):  # in batches, summed
+        acc = accumulate(acc, batch_metric_state(y[start:start + 64], p[start:start + 64], np.full(40, 0.5), 20,
+                                                 inv_propensity=inv))
+    agg = compute.compute_metrics(acc, [str(i) for i in range(40)], 0.5).aggregates
+    for k in (1, 3, 5):
+        psp, psndcg = psp_reference(y[:192], p[:192], inv, k)
+        assert agg[f"psp@{k}"] == pytest.approx(psp, rel=1e-5)
+        assert agg[f"psndcg@{k}"] == pytest.approx(psndcg, rel=1e-5)
+        assert 0 < agg[f"psp@{k}"] < 1
+    without = compute.compute_metrics(run_state(y, p, np.full(40, 0.5), 20, (200,)), [str(i) for i in range(40)], 0.5)
+    assert np.isnan(without.aggregates["psp@1"])  # no propensities: undefined, not 0
+
+
+def test_padding_rows_do_not_count_in_propensity_sums(data):
+    y, p, t = data["y"][:50], data["p"][:50], data["t"]
+    inv = compute.inverse_propensity(data["y"].sum(0), 300)
+    pad_y, pad_p = np.ones((6, 40), np.float32), np.ones((6, 40), np.float32)
+    masked = batch_metric_state(np.concatenate([y, pad_y]), np.concatenate([p, pad_p]), t, 20,
+                                np.concatenate([np.ones(50), np.zeros(6)]), inv_propensity=inv)
+    plain = batch_metric_state(y, p, t, 20, inv_propensity=inv)
+    for key in STATE_KEYS:
+        np.testing.assert_allclose(masked[key].numpy(), plain[key].numpy(), rtol=1e-6, err_msg=key)
+    assert float(plain["psp_best_at_5"]) > 0
+
+
+# --- Many labels --------------------------------------------------------------------------------------------
+
+def test_histogram_bins_keep_the_state_within_its_budget():
+    assert histogram_bins(1000, 200, 64) == 200  # small label sets keep metrics.num_bins (and its exactness)
+    k = histogram_bins(50_000, 200, 64)
+    assert k == 81 and state_bytes(50_000, k) <= 64 * 2**20 < state_bytes(50_000, k + 1)
+    assert state_bytes(50_000, k) == 8 * (2 * 50_000 * 81 + 5 * 50_000 + len(STATE_KEYS) - 7)
+    assert histogram_bins(10_000_000, 200, 64) == compute.MIN_BINS  # the floor
+
+
+def test_histogram_auc_error_bounds_hold_against_sklearn():
+    rng = np.random.default_rng(11)
+    y = (rng.random((600, 6)) < rng.uniform(0.02, 0.4, 6)).astype(np.float32)
+    p = np.clip(rng.beta(1.0, 6.0, (600, 6)) + 0.3 * y * rng.random((600, 6)), 0, 1).astype(np.float32)
+    previous = None
+    for num_bins in (10, 50, 200):
+        st = run_state(y, p, np.full(6, 0.5, np.float32), num_bins, batch_sizes=(600,))
+        roc, ap = compute.histogram_auc(st["pos_hist"], st["neg_hist"])
+        roc_bound, ap_bound = compute.histogram_auc_error_bounds(st["pos_hist"], st["neg_hist"])
+        for j in range(6):
+            assert abs(roc[j] - skm.roc_auc_score(y[:, j], p[:, j])) <= roc_bound[j] + 1e-12
+            assert abs(ap[j] - skm.average_precision_score(y[:, j], p[:, j])) <= ap_bound[j] + 1e-12
+        if previous is not None:
+            assert roc_bound.mean() < previous[0] and ap_bound.mean() < previous[1]
+        previous = roc_bound.mean(), ap_bound.mean()
+        agg = compute.compute_metrics(st, list("abcdef"), 0.5).aggregates
+        assert agg["macro_roc_auc_bin_error"] == pytest.approx(roc_bound.mean())
+        assert agg["macro_pr_auc_bin_error"] == pytest.approx(ap_bound.mean())
+
+
+def test_lrap_without_a_sort_matches_sklearn_with_many_labels_and_ties():
+    rng = np.random.default_rng(12)
+    y = (rng.random((40, 3000)) < 0.01).astype(np.float32)
+    y[0, :] = 0
+    y[1, :40] = 1
+    p = np.round(rng.random((40, 3000)) * 200 + 100 * y) / 300  # many ties, positives and negatives alike
+    st = batch_metric_state(y, p.astype(np.float32), np.full(3000, 0.5), 10)
+    assert float(st["lrap_sum"] / st["lrap_count"]) == pytest.approx(
+        skm.label_ranking_average_precision_score(y, p.astype(np.float32)), abs=1e-6)
+
+
+def test_one_list_of_aggregate_names(data):
+    assert set(data["result"].aggregates) == set(compute.AGGREGATES)
+    from trainer.config import load_config
+
+    for name in ("psp@5", "psndcg@1", "lrap"):
+        assert load_config(None, [f"train.early_stopping_metric={name}"]).train.early_stopping_metric == name
+
+
+def test_evaluator_reports_propensity_scored_metrics_from_training_counts(tiny_data):
+    """What training's evaluation (and TensorBoard) reports: PSP@k / PSnDCG@k of the model on the eval split,
+    with propensities from the train split's counts and metrics.propensity_a/b, as the NumPy reference."""
+    from data_pipeline import manifest as mf
+    from data_pipeline import reader
+    from trainer import evaluation
+    from trainer.backends import make_backend
+    from trainer.config import load_config
+    from trainer.losses import MultiLabelLoss
+    from trainer.model import build_model
+
+    cfg = load_config(None, ["model.hidden=[8]", "train.batch_size=64", "metrics.propensity_a=0.6",
+                             "metrics.propensity_b=2.6"])
+    manifest = mf.read_manifest(tiny_data)
+    model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=0)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(scale=0.5, size=w.shape).astype(np.float32) for w in model.get_weights()])
+    result = evaluation.Evaluator(make_backend("one_device"), model, MultiLabelLoss(cfg.loss, manifest.num_labels),
+                                  manifest, cfg).run(evaluation.EvalSource(tiny_data, "eval"))
+    options = reader.ReaderOptions(shuffle=False, repeat=False, deterministic=True)
+    x, y = (np.concatenate(a) for a in zip(*[(xb.numpy(), yb.numpy())
+                                             for xb, yb in reader.make_dataset(tiny_data, "eval", 256, options=options)]))
+    probs = 1 / (1 + np.exp(-model.predict(x, verbose=0).astype(np.float64)))
+    train = manifest.splits["train"]
+    inv = compute.inverse_propensity(train.label_counts, train.num_examples, a=0.6, b=2.6)
+    for k in (1, 3, 5):
+        psp, psndcg = psp_reference(y, probs.astype(np.float32), inv, k)
+        assert result.metrics.aggregates[f"psp@{k}"] == pytest.approx(psp, rel=1e-5)
+        assert result.metrics.aggregates[f"psndcg@{k}"] == pytest.approx(psndcg, rel=1e-5)

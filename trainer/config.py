@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from trainer.backends import DISTRIBUTIONS
+from trainer.metrics.compute import MAXIMISED_AGGREGATES
 
 
 class ConfigError(ValueError):
@@ -106,7 +107,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class MetricsConfig:
-    num_bins: int = 200  # threshold histogram resolution (memory: labels x bins)
+    num_bins: int = 200  # threshold histogram resolution (memory: labels x bins); fewer when over the budget
+    histogram_budget_mib: float = 64.0  # metric state per replica; above ~20k labels num_bins shrinks to fit
+    propensity_a: float = 0.55  # PSP@k / PSnDCG@k label propensities (Jain et al. 2016): A and B of
+    propensity_b: float = 1.5  # 1/p = 1 + C (N_l + B)^-A; Wikipedia-LSHTC 0.5 / 0.4, Amazon 0.6 / 2.6
     per_label_summaries: bool = True  # per-label table (Labels dashboard), PR curves, worst/best labels
     per_label_scalars: bool = False  # also per_label/<metric>/<label> scalars: 5 tags per label
     pr_curve_labels: list[str] = dataclasses.field(default_factory=list)  # default: 10 from head to tail
@@ -146,10 +150,7 @@ CHOICES = {  # allowed values of the keys that take one of a few names
     "train.precision": {"auto", "float32", "mixed_float16", "mixed_bfloat16"},
     # Aggregates of trainer.metrics.compute that grow when the model gets better (EarlyStopping maximises;
     # "loss" is minimised). Checked here: a typo used to be a KeyError at the first evaluation, N steps in.
-    "train.early_stopping_metric": {"loss", "precision@1", "precision@3", "precision@5", "ndcg@1", "ndcg@3",
-                                    "ndcg@5", "micro_precision", "micro_recall", "micro_f1", "macro_precision",
-                                    "macro_recall", "macro_f1", "macro_roc_auc", "macro_pr_auc", "micro_roc_auc",
-                                    "micro_pr_auc", "subset_accuracy", "lrap"},
+    "train.early_stopping_metric": {"loss", *MAXIMISED_AGGREGATES},
 }
 
 # PyYAML implements YAML 1.1, which reads 1e-3 (no dot) as a string; accepted where a float is expected.
@@ -239,6 +240,9 @@ def validate(cfg: Config) -> Config:
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("metrics.num_bins", 10 <= cfg.metrics.num_bins <= 10000, "must be in [10, 10000]"),
         ("metrics.min_support", cfg.metrics.min_support >= 0, "must be >= 0"),
+        ("metrics.histogram_budget_mib", cfg.metrics.histogram_budget_mib > 0, "must be > 0"),
+        ("metrics.propensity_a", cfg.metrics.propensity_a > 0, "must be > 0"),
+        ("metrics.propensity_b", cfg.metrics.propensity_b > 0, "must be > 0"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -76,13 +76,12 @@ class Evaluator:
 
     def __init__(self, backend: Backend, model, loss_fn, manifest: mf.Manifest, cfg):
         self.backend, self.manifest, self.cfg = backend, manifest, cfg
-        self.num_bins = cfg.metrics.num_bins
+        train = manifest.splits.get(cfg.data.train_split)
+        self.train_counts = train.label_counts if train else None
         self.thresholds = np.full(manifest.num_labels, 0.5, np.float32)
-        state_fn = functools.partial(metric_state.batch_metric_state, thresholds=tf.constant(self.thresholds),
-                                     num_bins=self.num_bins)
+        self.num_bins, state_fn = metric_state_function(
+            cfg.metrics, manifest.num_labels, self.thresholds, self.train_counts, train.num_examples if train else None)
         self.eval_fn = make_eval_function(backend, model, loss_fn, state_fn)
-        split = cfg.data.train_split
-        self.train_counts = manifest.splits[split].label_counts if split in manifest.splits else None
 
     def run(self, source: EvalSource) -> EvalResult:
         """One pass over ``source``; returns metrics computed from the globally summed state."""
@@ -148,6 +147,21 @@ class EarlyStopping:
         log.info("restoring the weights of step %d (best %s %.4f)", self.best_step, self.metric, self.best_value)
         model.set_weights(self.best_weights)
         return self.best_result
+
+
+def metric_state_function(metrics_cfg, num_labels: int, thresholds, train_counts=None,
+                          num_train_examples: int | None = None) -> tuple[int, Callable]:
+    """The histogram resolution and the per-batch metric-state function of a run, from its metrics config:
+    the one definition shared by training's evaluations and ``trainer evaluate``, so both report the same
+    numbers. PSP@k / PSnDCG@k need the training split's label counts and size (else they are NaN)."""
+    num_bins = metric_state.histogram_bins(num_labels, metrics_cfg.num_bins, metrics_cfg.histogram_budget_mib)
+    inv_propensity = None
+    if train_counts is not None and num_train_examples:
+        inv_propensity = tf.constant(compute.inverse_propensity(
+            train_counts, num_train_examples, metrics_cfg.propensity_a, metrics_cfg.propensity_b), tf.float32)
+    state_fn = functools.partial(metric_state.batch_metric_state, thresholds=tf.constant(thresholds, tf.float32),
+                                 num_bins=num_bins, inv_propensity=inv_propensity)
+    return num_bins, state_fn
 
 
 def sum_metric_state(batches, eval_step: Callable, state: dict, source: EvalSource) -> dict:

@@ -131,8 +131,9 @@ def evaluate_command(model_dir: str, data_dir: str, split: str | None, out: str 
     predict, names, thresholds, info = _load_predictor(run, source)
     _check_shape(data_dir, info)
     split = default_split(data_dir, split)
-    num_bins = run.cfg.metrics.num_bins
-    batch_state = tf.function(lambda y, p: metric_state.batch_metric_state(y, p, tf.constant(thresholds), num_bins))
+    num_bins, state_fn = evaluation.metric_state_function(run.cfg.metrics, len(names), thresholds,
+                                                          info.get("label_counts"), info.get("num_train_examples"))
+    batch_state = tf.function(state_fn)
     state = evaluation.sum_metric_state(_ordered_batches(data_dir, split, batch_size),
                                         lambda batch: batch_state(batch[1], predict(batch[0])),
                                         metric_state.zero_state(len(names), num_bins),

@@ -1,4 +1,4 @@
-"""The model and the optimizer: an MLP with one independent sigmoid output per label.
+"""The model: an MLP with one independent sigmoid output per label, over dense or sparse features.
 
 The network returns logits (float32 whatever the mixed-precision policy); probabilities are
 ``sigmoid(logits)``, applied by the loss (from logits, numerically stable) and by the serving signature.
@@ -6,21 +6,19 @@ The network returns logits (float32 whatever the mixed-precision policy); probab
 
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.backends import tf_variable
-from trainer.config import ModelConfig, OptimizerConfig
+from trainer.config import ConfigError, ModelConfig
 
 
 class InputTransform(keras.layers.Layer):
-    """Fixed input scaling for bag-of-words style features (no trainable state).
+    """Fixed input scaling for bag-of-words style features (no trainable state), dense or tf.SparseTensor.
 
     log1p dampens large counts; l2_normalize makes documents of different length comparable: together
-    they give TF-IDF-like inputs without needing corpus statistics.
+    they give TF-IDF-like inputs without needing corpus statistics. On a SparseTensor only the stored values
+    change (both transforms map 0 to 0), with the same result as on the dense form.
     """
 
     def __init__(self, mode: str, **kwargs):
@@ -28,16 +26,94 @@ class InputTransform(keras.layers.Layer):
         self.mode = mode
 
     def call(self, x):
+        if isinstance(x, tf.SparseTensor):
+            return x.with_values(self._transform(x.values, rows=x.indices[:, 0], num_rows=x.dense_shape[0]))
+        return self._transform(x)
+
+    def _transform(self, x, rows=None, num_rows=None):
+        """``x`` is [B, F] dense, or the values of a SparseTensor with their row ids ``rows``."""
         if self.mode in ("log1p", "log1p_l2"):
             # Odd in x (sign(x) log(1 + |x|)): negative features (e.g. standardised ones) keep their sign and
             # order instead of collapsing to 0.
             x = tf.math.log1p(tf.abs(x)) * tf.sign(x)
         if self.mode in ("l2_normalize", "log1p_l2"):
-            x = tf.math.l2_normalize(x, axis=-1, epsilon=1e-6)
+            if rows is None:
+                x = tf.math.l2_normalize(x, axis=-1, epsilon=1e-6)
+            else:  # tf.math.l2_normalize's formula, with the row sums taken over the stored values.
+                square_sum = tf.math.unsorted_segment_sum(tf.square(x), rows, num_rows)
+                x = x * tf.gather(tf.math.rsqrt(tf.maximum(square_sum, 1e-6)), rows)
         return x
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, dtype=self.compute_dtype, sparse=x.sparse)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+class SparseDense(keras.layers.Layer):
+    """``activation(x @ kernel + bias)`` for a tf.SparseTensor ``x`` [B, F] of float32 feature values.
+
+    Gathers only the kernel rows of the features present in the batch and multiplies the batch, re-indexed
+    onto those rows, by them (tf.sparse.sparse_dense_matmul): the gradient of the kernel is then a
+    tf.IndexedSlices over those rows, which the row-sparse optimizer update (trainer.optimizers) applies
+    without touching the others. Never reads the kernel whole: a dense read of a variable that gather and
+    scatter ops also use copies all of it. Computes in float32 under any policy: its FLOPs (non-zeros x
+    units) are few, and casting the [F, units] kernel to float16 would itself be a full pass.
+    """
+
+    def __init__(self, units: int, activation=None, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", **kwargs):
+        super().__init__(**{**kwargs, "dtype": "float32"})
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units),
+                                      initializer=self.kernel_initializer)
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer)
+
+    def call(self, x):
+        rows, column = tf.unique(x.indices[:, 1])
+        local = tf.SparseTensor(tf.stack([x.indices[:, 0], tf.cast(column, tf.int64)], axis=1), x.values,
+                                tf.stack([x.dense_shape[0], tf.cast(tf.size(rows), tf.int64)]))
+        kernel_rows = tf.gather(self.kernel.value, rows)  # the tf.Variable: a gather reads only those rows
+        return self.activation(tf.sparse.sparse_dense_matmul(local, kernel_rows) + self.bias)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units,
+                "activation": keras.activations.serialize(self.activation),
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
+
+
+class SparseDropout(keras.layers.Layer):
+    """Dropout of the stored values of a tf.SparseTensor (training only).
+
+    Dropout zeroes features that are zero already to no effect, so dropping only the stored values draws
+    the same distribution of inputs as dense dropout.
+    """
+
+    def __init__(self, rate: float, seed=None, **kwargs):
+        super().__init__(**{**kwargs, "dtype": "float32"})
+        self.rate, self.seed = rate, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training:
+            return x
+        return x.with_values(keras.random.dropout(x.values, self.rate, seed=self.seed_generator))
+
+    def compute_output_spec(self, x, training=None):
+        return keras.KerasTensor(x.shape, dtype=self.compute_dtype, sparse=True)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 def prior_log_odds(label_counts, num_examples: int) -> np.ndarray:
@@ -47,30 +123,48 @@ def prior_log_odds(label_counts, num_examples: int) -> np.ndarray:
 
 
 def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int = 0,
-                output_bias=None) -> keras.Model:
+                output_bias=None, sparse_features: bool = False) -> keras.Model:
     """Builds the MLP, or an ensemble of ``cfg.ensemble`` MLPs over the same input.
 
     Args:
-      num_features: input width.
+      num_features: input width F.
       num_labels: number of independent binary outputs.
       cfg: widths, activation, dropout, L2, input transform, ensemble members.
       seed: seed of the dropout layers.
       output_bias: initial [L] output biases (e.g. prior_log_odds of the training labels), zeros if None.
         Starting every sigmoid at its label's frequency skips the first phase of training in which a
         zero-bias model (p = 0.5 everywhere, with 1-2 % positives) only learns to say "no" to every label.
+      sparse_features: the input is a tf.SparseTensor [B, F] of float32 values (int64 indices, at most one
+        value per (example, feature)) instead of a dense [B, F] tensor. The first layer of every member is
+        then a SparseDense, whose kernel gradient is row-sparse (tf.IndexedSlices); input transforms and
+        input dropout act on the stored values.
 
     Returns:
-      A Keras model mapping [B, F] float32 features to [B, L] float32 logits. With ``cfg.ensemble`` K > 1 the
-      members are independent MLPs (own weights, own dropout masks): called with ``training=True`` the model
+      A Keras model mapping the features to [B, L] float32 logits. With ``cfg.ensemble`` K > 1 the members
+      are independent MLPs (own weights, own dropout masks): called with ``training=True`` the model
       returns their [B, K, L] logits, so each member is trained on its own loss (MultiLabelLoss averages
       them); otherwise the logits of the members' mean probability (what evaluation, prediction and the
       export see). Averaging probabilities, not logits, is the usual ensemble and keeps calibration.
+
+    Raises:
+      ConfigError: model.l2 with sparse features (an L2 penalty on the first layer would read and write
+        its whole [F, width] kernel every step; optimizer.weight_decay regularises it row by row).
     """
+    if sparse_features and cfg.l2 > 0:
+        raise ConfigError("model.l2: not available with sparse features (it would update every row of the "
+                          "first layer each step); use optimizer.name=adamw with optimizer.weight_decay")
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
-    inputs = keras.Input(shape=(num_features,), dtype="float32", name="features")
+
+    def dense(units, sparse_input, **kwargs):
+        return SparseDense(units, **kwargs) if sparse_input else keras.layers.Dense(units, kernel_regularizer=reg,
+                                                                                     **kwargs)
+
+    # With sparse features the layers before the first Dense compute in float32 (see SparseDense).
+    sparse_dtype = {"dtype": "float32"} if sparse_features else {}
+    inputs = keras.Input(shape=(num_features,), sparse=sparse_features, dtype="float32", name="features")
     x = inputs
     if cfg.input_transform != "none":
-        x = InputTransform(cfg.input_transform, name="input_transform")(x)
+        x = InputTransform(cfg.input_transform, name="input_transform", **sparse_dtype)(x)
     bias_init = "zeros" if output_bias is None else keras.initializers.Constant(np.asarray(output_bias, np.float32))
     members = []
     for m in range(cfg.ensemble):
@@ -78,15 +172,15 @@ def build_model(num_features: int, num_labels: int, cfg: ModelConfig, seed: int 
         prefix = f"member_{m}_" if cfg.ensemble > 1 else ""
         h = x
         if cfg.input_dropout > 0:
-            h = keras.layers.Dropout(cfg.input_dropout, seed=seed + 1000 * m, name=f"{prefix}input_dropout")(h)
+            dropout = SparseDropout if sparse_features else keras.layers.Dropout
+            h = dropout(cfg.input_dropout, seed=seed + 1000 * m, name=f"{prefix}input_dropout")(h)
         for i, width in enumerate(cfg.hidden):
-            h = keras.layers.Dense(width, activation=cfg.activation, kernel_regularizer=reg,
-                                   name=f"{prefix}hidden_{i}")(h)
+            h = dense(width, sparse_features and i == 0, activation=cfg.activation, name=f"{prefix}hidden_{i}")(h)
             if cfg.dropout > 0:
                 h = keras.layers.Dropout(cfg.dropout, seed=seed + 1000 * m + i + 1, name=f"{prefix}dropout_{i}")(h)
         # float32 output layer: logits and the loss stay float32 under mixed_float16 / mixed_bfloat16.
-        members.append(keras.layers.Dense(num_labels, dtype="float32", kernel_regularizer=reg,
-                                          bias_initializer=bias_init, name=f"{prefix}logits")(h))
+        members.append(dense(num_labels, sparse_features and not cfg.hidden, dtype="float32",
+                             bias_initializer=bias_init, name=f"{prefix}logits")(h))
     logits = members[0] if cfg.ensemble == 1 else EnsembleLogits(name="ensemble")(members)
     return keras.Model(inputs, logits, name="multilabel_mlp" if cfg.ensemble == 1 else "multilabel_mlp_ensemble")
 
@@ -120,101 +214,3 @@ def model_flops_per_example(num_features: int, num_labels: int, hidden: list[int
     """Training FLOPs per example (forward + backward ~ 3x forward, 2 FLOPs per multiply-add), all members."""
     widths = [num_features, *hidden, num_labels]
     return 6.0 * ensemble * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-
-
-def scaled_learning_rate(cfg: OptimizerConfig, global_batch_size: int) -> float:
-    """Peak learning rate for the global batch.
-
-    Rule: ``lr = learning_rate * (global_batch / base_batch_size)`` for linear scaling, the square root
-    of that ratio for sqrt scaling, unchanged for none. The global batch already counts every replica and
-    worker, so adding GPUs at a fixed per-replica batch raises the learning rate in proportion.
-    """
-    ratio = global_batch_size / cfg.base_batch_size
-    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
-    return cfg.learning_rate * factor
-
-
-class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine or linear decay to ``peak*min_ratio``."""
-
-    def __init__(self, peak: float, warmup: int, total: int, decay: str, min_ratio: float):
-        self.peak, self.warmup, self.total, self.decay, self.min_ratio = peak, warmup, total, decay, min_ratio
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warm = tf.minimum(1.0, (step + 1.0) / max(self.warmup, 1)) if self.warmup else tf.constant(1.0)
-        frac = tf.clip_by_value((step - self.warmup) / max(self.total - self.warmup, 1), 0.0, 1.0)
-        if self.decay == "cosine":
-            shape = 0.5 * (1.0 + tf.cos(np.pi * frac))
-        elif self.decay == "linear":
-            shape = 1.0 - frac
-        else:
-            shape = tf.constant(1.0)
-        return self.peak * warm * (self.min_ratio + (1.0 - self.min_ratio) * shape)
-
-    def get_config(self):
-        return {"peak": self.peak, "warmup": self.warmup, "total": self.total, "decay": self.decay,
-                "min_ratio": self.min_ratio}
-
-
-class _FusedAdamUpdate:
-    """Adam's update of a dense variable in one kernel (``tf.raw_ops.ResourceApplyAdam``).
-
-    Keras 3 writes the Adam update as about ten separate element-wise ops per variable, each a full pass
-    over the variable's memory; the fused kernel does the same arithmetic in one pass (measured: 20 -> 9 ms
-    per step for the 2048-2048 model on a 2-core CPU, a fifth of the whole training step; on a GPU, one
-    kernel launch per variable instead of ten). Same formula as Keras: ``m += (1-b1)(g-m)``,
-    ``v += (1-b2)(g^2-v)``, ``var -= lr sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)``. Sparse gradients and
-    amsgrad keep the Keras code path. AdamW's decoupled weight decay is applied by Keras before this step.
-    """
-
-    def update_step(self, gradient, variable, learning_rate):
-        if isinstance(gradient, tf.IndexedSlices) or self.amsgrad or not hasattr(variable, "handle"):
-            return super().update_step(gradient, variable, learning_rate)
-        dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        index = self._get_variable_index(variable)
-        m, v = (tf_variable(s[index]) for s in (self._momentums, self._velocities))
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(beta_1, step),
-            beta2_power=tf.pow(beta_2, step), lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
-            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
-
-
-class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
-    """keras.optimizers.Adam with the fused update (checkpoint-compatible: same variables)."""
-
-
-class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
-    """keras.optimizers.AdamW with the fused update (checkpoint-compatible: same variables)."""
-
-
-def build_optimizer(cfg: OptimizerConfig, global_batch_size: int, total_steps: int,
-                    loss_scale: bool) -> keras.optimizers.Optimizer:
-    """Builds Adam/AdamW with the warmup/decay schedule, wrapped in a LossScaleOptimizer.
-
-    The LossScaleOptimizer is used for every precision: for float16 it is dynamic loss scaling; for
-    float32/bfloat16 it starts at scale 1 and its job is to skip any step whose gradients are not finite,
-    so a NaN loss never reaches the weights and the last checkpoint stays the last good step.
-
-    Args:
-      cfg: optimizer section of the config.
-      global_batch_size: batch over all replicas (for learning-rate scaling).
-      total_steps: steps of the whole run (for the decay).
-      loss_scale: True for float16 (dynamic loss scaling).
-
-    Returns:
-      A keras.optimizers.LossScaleOptimizer.
-    """
-    lr = WarmupDecay(scaled_learning_rate(cfg, global_batch_size), cfg.warmup_steps, total_steps, cfg.decay,
-                     cfg.min_lr_ratio)
-    common = dict(learning_rate=lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, epsilon=cfg.epsilon,
-                  clipnorm=cfg.clipnorm)
-    if cfg.name == "adamw":
-        inner = FusedAdamW(weight_decay=cfg.weight_decay, **common)
-    else:
-        inner = FusedAdam(**common)
-    if loss_scale:
-        return keras.optimizers.LossScaleOptimizer(inner)
-    return keras.optimizers.LossScaleOptimizer(inner, initial_scale=1.0, dynamic_growth_steps=2**30)

@@ -38,7 +38,8 @@ from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
 from trainer.lock import LockedError, ModelDirLock
 from trainer.losses import MultiLabelLoss
-from trainer.model import build_model, build_optimizer, prior_log_odds
+from trainer.model import build_model, prior_log_odds
+from trainer.optimizers import build_optimizer
 from trainer.progress import LogWindow, ProgressBar
 from trainer.steps import CallStats, make_train_function
 from trainer.summaries import PerLabelOptions, SummaryWriters
@@ -510,8 +511,9 @@ def _run_info(manifest: mf.Manifest, cfg) -> dict:
 
 
 def _write_run_info(model_dir, manifest, cfg, data_dir) -> None:
+    train_split = manifest.split(cfg.data.train_split)
     info = {**_run_info(manifest, cfg), "label_names": manifest.label_names, "data_dir": os.path.abspath(data_dir),
-            "label_counts": manifest.split(cfg.data.train_split).label_counts}
+            "label_counts": train_split.label_counts, "num_train_examples": train_split.num_examples}
     tmp = os.path.join(model_dir, "run_info.json.tmp")
     with open(tmp, "w") as f:
         json.dump(info, f)

@@ -1,9 +1,8 @@
 """Metric values from accumulated metric state: pure NumPy, no TensorFlow import.
 
-The state comes from :func:`trainer.metrics.state.batch_metric_state` summed over
-replicas and batches (keys documented there).  Everything here is a pure function of
-that state, so summaries, ``evaluate`` and threshold tuning read the same numbers and the
-tests can compare them with scikit-learn.
+The state comes from :func:`trainer.metrics.state.batch_metric_state` summed over replicas and batches
+(keys documented there). Everything here is a pure function of that state, so summaries, ``evaluate`` and
+threshold tuning read the same numbers and the tests can compare them with scikit-learn.
 
 Conventions (undefined is NaN, never 0 or 1, and NaN labels are left out of macro means):
 
@@ -11,24 +10,28 @@ Conventions (undefined is NaN, never 0 or 1, and NaN labels are left out of macr
 * ``pr_auc`` (average precision): NaN when a label has no positives.
 * ``precision``: NaN when nothing was predicted (tp + fp == 0).
 * ``recall``: NaN when the label has no positives.
-* ``f1`` = 2tp / (2tp + fp + fn): NaN only when there are no positives *and* no
-  predictions; a label with no positives but false positives has F1 = 0.  This is
-  sklearn's ``f1_score(..., zero_division=np.nan)``, which also drops NaN from the macro
-  mean.
-* Curves are computed at the K+1 bin edges ``j/K``; ROC-AUC is the trapezoid over them,
-  PR-AUC is sklearn's average precision ``sum_n (R_n - R_{n-1}) P_n``.  Both equal
-  sklearn exactly when every prediction in a bin has the same value, and otherwise differ
-  only by the ordering inside a bin (resolution 1/K).
+* ``f1`` = 2tp / (2tp + fp + fn): NaN only when there are no positives *and* no predictions; a label with
+  no positives but false positives has F1 = 0 (sklearn's ``f1_score(..., zero_division=np.nan)``).
+* Curves are computed at the K+1 bin edges ``j/K``; ROC-AUC is the trapezoid over them, PR-AUC is
+  sklearn's average precision ``sum_n (R_n - R_{n-1}) P_n``. Both equal sklearn exactly when every
+  prediction in a bin has the same value; otherwise they differ by at most the bounds of
+  :func:`histogram_auc_error_bounds`, reported as ``macro_roc_auc_bin_error`` and ``macro_pr_auc_bin_error``.
 * Micro AUCs use the histograms summed over labels (sklearn's ``average="micro"``).
-* Ranking metrics (P@k, nDCG@k, LRAP) are means over examples; examples without
-  positives contribute 0 to P@k and nDCG@k and 1 to LRAP (sklearn's conventions).
+* Ranking metrics (P@k, nDCG@k, LRAP) are means over examples; examples without positives contribute 0
+  to P@k and nDCG@k and 1 to LRAP (sklearn's conventions).
+* Propensity-scored PSP@k and PSnDCG@k (Jain, Prabhu and Varma, KDD 2016) weight a hit on label l by its
+  inverse propensity ``1/p_l`` (:func:`inverse_propensity`, from the training label counts), so a hit on
+  a rare label counts more. Normalised as in the Extreme Classification Repository's code and pyxclib
+  (``xclib.evaluation.xc_metrics``): PSP@k is the sum over examples of weighted hits in the top k divided
+  by the sum over examples of the best weighted hits k predictions could get (the example's positives of
+  largest 1/p first), a ratio of two sums, not a mean of ratios; PSnDCG@k likewise, with each example's
+  DCG divided by its ideal (unweighted) DCG as in nDCG. 1 means the rarest true labels ranked first.
 
-Head / torso / tail buckets (:func:`assign_buckets`) use the *training* label counts:
-labels sorted by count, most frequent first; a label is ``head`` while the share of all
-training positives held by the more frequent labels is below ``bucket_edges[0]``
-(default 0.5), ``torso`` while below ``bucket_edges[1]`` (0.9), else ``tail``.  So head
-is the few labels carrying the first half of the positives and tail the many rare labels
-carrying the last 10%.
+Head / torso / tail buckets (:func:`assign_buckets`) use the *training* label counts: labels sorted by
+count, most frequent first; a label is ``head`` while the share of all training positives held by the
+more frequent labels is below ``bucket_edges[0]`` (default 0.5), ``torso`` while below
+``bucket_edges[1]`` (0.9), else ``tail``. So head is the few labels carrying the first half of the
+positives and tail the many rare labels carrying the last 10%.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+
+#: The k of every ranking metric (precision@k, ndcg@k, psp@k, psndcg@k).
+TOP_K = (1, 3, 5)
+#: The fewest histogram bins a state has (trainer.metrics.state.histogram_bins).
+MIN_BINS = 10
+#: The aggregates that grow as the model gets better (what early stopping may maximise), in report order.
+MAXIMISED_AGGREGATES = (
+    tuple(f"{name}@{k}" for name in ("precision", "ndcg", "psp", "psndcg") for k in TOP_K)
+    + ("micro_precision", "micro_recall", "micro_f1", "macro_precision", "macro_recall", "macro_f1",
+       "macro_roc_auc", "macro_pr_auc", "micro_roc_auc", "micro_pr_auc", "subset_accuracy", "lrap")
+)
+#: Every aggregate of compute_metrics besides the ``bucket/...`` ones.
+AGGREGATES = MAXIMISED_AGGREGATES + ("hamming_loss", "macro_roc_auc_bin_error", "macro_pr_auc_bin_error",
+                                     "num_examples", "num_labels", "num_labels_with_support")
+#: Propensity model parameters (A, B) used in the literature for known datasets (Jain et al. 2016 and the
+#: Extreme Classification Repository); metrics.propensity_a / propensity_b default to the general 0.55, 1.5.
+PROPENSITY_PARAMETERS = {"default": (0.55, 1.5), "wikipedia-lshtc": (0.5, 0.4), "amazon": (0.6, 2.6)}
 
 BUCKETS = ("head", "torso", "tail")
 _PER_LABEL_COLUMNS = ("support", "roc_auc", "pr_auc", "precision", "recall", "f1", "threshold")
@@ -119,6 +139,47 @@ def histogram_auc(pos_hist, neg_hist) -> tuple[np.ndarray, np.ndarray]:
     return roc, ap
 
 
+def histogram_auc_error_bounds(pos_hist, neg_hist) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row bounds on |histogram AUC - exact AUC| over every way the scores could lie inside their bins.
+
+    ROC-AUC: the trapezoid scores each (positive, negative) pair sharing a bin 1/2 where the exact value is
+    0 or 1, so the error is at most ``sum_k pos_k neg_k / (2 P N)``. Average precision: a positive in bin k
+    (T0 positives and F0 negatives in the bins above) has exact precision between
+    ``(T0+1)/(T0+1+F0+neg_k)`` and ``(T0+pos_k)/(T0+pos_k+F0)``, and the histogram's value for it lies in
+    that range too, so the error is at most ``sum_k pos_k (hi_k - lo_k) / P``.
+
+    Returns:
+      ``(roc_bound [L], ap_bound [L])``, NaN where the AUC itself is undefined.
+    """
+    pos_hist, neg_hist = np.atleast_2d(pos_hist), np.atleast_2d(neg_hist)
+    n_pos, n_neg = pos_hist.sum(1), neg_hist.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        roc = np.where((n_pos > 0) & (n_neg > 0), 0.5 * np.sum(pos_hist * neg_hist, axis=1) / (n_pos * n_neg), np.nan)
+        # Bins from the highest probabilities down; T0, F0: counts in the bins above.
+        pos, neg = pos_hist[:, ::-1], neg_hist[:, ::-1]
+        t0, f0 = np.cumsum(pos, axis=1) - pos, np.cumsum(neg, axis=1) - neg
+        hi = np.where(pos > 0, (t0 + pos) / np.maximum(t0 + pos + f0, 1e-300), 0.0)
+        lo = np.where(pos > 0, (t0 + 1) / (t0 + 1 + f0 + neg), 0.0)
+        ap = np.where(n_pos > 0, np.sum(pos * (hi - lo), axis=1) / n_pos, np.nan)
+    return roc, ap
+
+
+def inverse_propensity(label_counts, num_examples: int, a: float = 0.55, b: float = 1.5) -> np.ndarray:
+    """Inverse propensities ``1/p_l = 1 + C (N_l + B)^-A`` with ``C = (ln N - 1)(B + 1)^A`` (Jain et al. 2016).
+
+    Args:
+      label_counts: ``[L]`` training positives N_l per label.
+      num_examples: N, the number of training examples.
+      a, b: the model's A and B (see PROPENSITY_PARAMETERS).
+
+    Returns:
+      float64 ``[L]``, >= 1; largest for the labels never seen in training.
+    """
+    counts = np.asarray(label_counts, np.float64)
+    c = (np.log(num_examples) - 1.0) * (b + 1.0) ** a
+    return 1.0 + c * (counts + b) ** -a
+
+
 def assign_buckets(train_label_counts, bucket_edges: Sequence[float] = (0.5, 0.9)) -> np.ndarray:
     """Head / torso / tail bucket per label from training label counts.
 
@@ -163,12 +224,9 @@ def compute_metrics(
       bucket_edges: cumulative-share edges for :func:`assign_buckets`.
 
     Returns:
-      A :class:`MetricsResult`. ``aggregates`` keys: ``precision@{1,3,5}``,
-      ``ndcg@{1,3,5}``, ``micro_precision``, ``micro_recall``, ``micro_f1``, ``macro_f1``,
-      ``macro_precision``, ``macro_recall``, ``macro_roc_auc``, ``macro_pr_auc``,
-      ``micro_roc_auc``, ``micro_pr_auc``, ``hamming_loss``, ``subset_accuracy``,
-      ``lrap``, ``num_examples``, ``num_labels``, ``num_labels_with_support``, and per
-      bucket ``bucket/<b>/{macro_f1,macro_roc_auc,macro_pr_auc,num_labels}``.
+      A :class:`MetricsResult`. ``aggregates`` keys: :data:`AGGREGATES`, and with training counts per
+      bucket ``bucket/<b>/{macro_f1,macro_roc_auc,macro_pr_auc,num_labels}``. PSP@k and PSnDCG@k are NaN
+      when the state was computed without inverse propensities.
     """
     label_names = [str(n) for n in label_names]
     num_labels = len(label_names)
@@ -182,6 +240,7 @@ def compute_metrics(
     n = float(state["num_examples"])
 
     roc, ap = histogram_auc(pos_hist, neg_hist)
+    roc_error, ap_error = histogram_auc_error_bounds(pos_hist, neg_hist)
     per_label = {
         "roc_auc": roc,
         "pr_auc": ap,
@@ -197,9 +256,11 @@ def compute_metrics(
     micro_roc, micro_ap = histogram_auc(pos_hist.sum(0), neg_hist.sum(0))
     stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
     agg: dict[str, float] = {}
-    for k in (1, 3, 5):
-        agg[f"precision@{k}"] = float(_divide(state[f"p_at_{k}"], n))
-        agg[f"ndcg@{k}"] = float(_divide(state[f"ndcg_at_{k}"], n))
+    for name, numerator, denominator in (("precision", "p_at", None), ("ndcg", "ndcg_at", None),
+                                         ("psp", "psp_at", "psp_best_at"), ("psndcg", "psndcg_at", "psndcg_best_at")):
+        for k in TOP_K:
+            total = n if denominator is None else state[f"{denominator}_{k}"]
+            agg[f"{name}@{k}"] = float(_divide(state[f"{numerator}_{k}"], total))
     agg.update(
         micro_precision=float(_divide(stp, stp + sfp)),
         micro_recall=float(_divide(stp, stp + sfn)),
@@ -209,6 +270,8 @@ def compute_metrics(
         macro_recall=_nanmean(per_label["recall"]),
         macro_roc_auc=_nanmean(roc),
         macro_pr_auc=_nanmean(ap),
+        macro_roc_auc_bin_error=_nanmean(roc_error),
+        macro_pr_auc_bin_error=_nanmean(ap_error),
         micro_roc_auc=float(micro_roc[0]),
         micro_pr_auc=float(micro_ap[0]),
         hamming_loss=float(_divide(sfp + sfn, n * num_labels)),
@@ -245,8 +308,8 @@ def tune_thresholds(state: Mapping[str, np.ndarray], min_positives: int = 5, def
     the F1 of predicting *every* example positive (``2p/(1+p)`` for prevalence p, what F1 gives a
     label the model has not learnt) and a perfect 1. Without that rule an unlearnt rare label gets a
     threshold near 0 (its F1 optimum over noise is "almost always yes") and switches itself on for
-    most examples; with a few hundred such labels micro precision fell to the label density (seen:
-    micro F1 0.46 at 0.5, 0.04 with thresholds tuned that way, on 300 synthetic labels).
+    most examples; with a few hundred such labels micro precision falls to the label density
+    (bench/README.md, "Metric state").
 
     Args:
       state: accumulated state with ``pos_hist`` and ``neg_hist``.
