@@ -57,7 +57,8 @@ from trainer import config as config_lib  # noqa: E402
 from trainer import precision as precision_lib  # noqa: E402
 from trainer.backends import make_backend  # noqa: E402
 from trainer.losses import MultiLabelLoss  # noqa: E402
-from trainer.model import build_model, build_optimizer, model_flops_per_example  # noqa: E402
+from trainer.model import build_model, model_flops_per_example  # noqa: E402
+from trainer.optimizers import build_optimizer  # noqa: E402
 from trainer import steps as steps_lib  # noqa: E402
 from trainer.train import train as trainer_train  # noqa: E402
 

@@ -37,13 +37,13 @@ def sparse_batches(x, y, batch: int, ctx: tf.distribute.InputContext | None = No
 class SparseRun:
     """A sparse model, its optimizer (AdamW with weight decay) and trainer/steps.py's train function."""
 
-    def __init__(self, backend, global_batch: int, cfg: ModelConfig = ModelConfig(hidden=[8]), seed: int = 0):
+    def __init__(self, backend, global_batch: int, cfg: ModelConfig = ModelConfig(hidden=[8], dropout=0.0), seed: int = 0):
         self.backend, self.global_batch = backend, global_batch
         keras.utils.set_random_seed(seed)
         with backend.scope():
             self.model = build_model(F, L, cfg, seed=seed, sparse_features=True)
             self.optimizer = build_optimizer(
-                OptimizerConfig(name="adamw", learning_rate=0.05, weight_decay=0.1), global_batch, total_steps=100,
+                OptimizerConfig(name="adamw", learning_rate=0.05, weight_decay=0.1, warmup_steps=0), global_batch, total_steps=100,
                 loss_scale=keras.mixed_precision.global_policy().name == "mixed_float16")
             self.optimizer.build(self.model.trainable_variables)
         self.train_fn = make_train_function(backend, self.model, self.optimizer, MultiLabelLoss(LossConfig(), L),
@@ -59,7 +59,8 @@ class SparseRun:
         per_replica = self.global_batch // self.backend.num_replicas
         iterator = iter(self.backend.distribute_dataset(lambda ctx: sparse_batches(x, y, per_replica, ctx)))
         calls = [steps_per_call] * (steps // steps_per_call)
-        return sum(self.train_fn(iterator, tf.constant(n), tf.zeros([2])).numpy() for n in calls)
+        stats = [self.train_fn(iterator, n) for n in calls]
+        return np.array([[s.loss_sum, s.examples, s.non_finite_steps] for s in stats]).sum(axis=0)
 
     def loss(self, x, y) -> float:
         logits = self.model(tf.sparse.from_dense(x), training=False)

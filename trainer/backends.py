@@ -152,9 +152,18 @@ class StrategyBackend(Backend):
 
         if self.num_replicas == 1:
             return grads
-        bad = tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
+        # A row-sparse gradient (tf.IndexedSlices of the sparse first layer) is checked and poisoned by its
+        # values: tf.where on the slices would turn it into a dense [F, width] tensor.
+        values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        bad = tf.cast(~tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values]), tf.float32)
         any_bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad) > 0
-        return [tf.where(any_bad, tf.constant(float("nan"), g.dtype), g) for g in grads]
+
+        def poison(g):
+            if isinstance(g, tf.IndexedSlices):
+                return tf.IndexedSlices(poison(g.values), g.indices, g.dense_shape)
+            return tf.where(any_bad, tf.constant(float("nan"), g.dtype), g)
+
+        return [poison(g) for g in grads]
 
     def any_process(self, flags):
         import tensorflow as tf

@@ -17,7 +17,7 @@ from data_pipeline import manifest as mf
 from data_pipeline.errors import DataError
 from trainer import files
 from trainer.config import ConfigError
-from trainer.model import scaled_learning_rate
+from trainer.optimizers import scaled_learning_rate
 
 log = logging.getLogger(__name__)
 
