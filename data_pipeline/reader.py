@@ -1,20 +1,29 @@
 """The input pipeline: one function that turns a dataset split into batches for one input pipeline.
 
-Order of operations, and why:
-  file list -> shard files by input pipeline (each worker reads its own files; no worker reads records it
-  then throws away) -> shuffle files -> parallel interleave of blocks (each file read as blocks of
-  ``block_length`` consecutive serialized records) -> shuffle blocks (bounded buffer) -> repeat -> rebatch
-  blocks into batches -> skip (resume inside an epoch, cheap because nothing is parsed yet) -> parse the
-  whole batch in one op -> dense multi-hot labels -> prefetch.
+Packed datasets (one record holds a block of examples, data_pipeline/packed.py), in order:
+  file list -> shard files by input pipeline -> shuffle files -> parallel interleave of block records ->
+  shuffle blocks (bounded buffer) -> repeat -> groups of ``mix_blocks`` blocks -> [skip: count each group's
+  rows from two small fields and drop the groups before the resume point, nothing decoded] -> decode each
+  group in one parse + decode_raw (parallel), select its examples by id (holdout, record sharding), put its
+  rows in a mixing order -> cut batches of exactly ``batch_size`` rows (a batch crossing two groups takes the
+  tail of one and the head of the next) -> gather each batch's rows (its one copy of the feature bytes) ->
+  multi-hot labels -> prefetch. The work per example is memory copies; every op runs once per group or batch.
 
-Why blocks: every tf.data stage costs about a microsecond per element it handles, which at a few hundred
-thousand records per second on a small machine is most of the budget. Reading blocks of records inside the
-(parallel) interleave, then shuffling and batching whole blocks, makes the sequential stages handle one
-element per block instead of one per record (bench/pipeline_throughput.py measures the difference). The
-price is a coarser shuffle: a batch is made of random blocks, each of ``block_length`` neighbouring records
-of one shard (shards are written in input order); ``block_length=1`` shuffles single records, slower.
+Shuffle guarantee (packed, shuffle on): each group takes ``mix_blocks`` blocks from the shuffle buffer and
+orders its rows so that every run of W consecutive rows holds rows of min(W, mix_blocks) different blocks
+(equal-size blocks; rows.mixing_order). A batch is one such run, or the tail of one group and the head of the
+next, so it draws its rows from at least min(mix_blocks, ceil(batch_size / 2)) blocks. Holdout makes block
+sizes differ by a few rows, which can cost a block or two of that bound.
 
-Batches are ``(features [B, F] float32, labels [B, L] float32)``.
+One-example-per-record datasets (the older encodings):
+  file list -> shard files -> shuffle files -> parallel interleave of blocks (each file read as blocks of
+  ``block_length`` consecutive serialized records) -> shuffle blocks -> repeat -> rebatch blocks into batches
+  -> skip (cheap because nothing is parsed yet) -> parse the whole batch in one op -> multi-hot labels ->
+  prefetch. Every tf.data stage costs about a microsecond per element, so the sequential stages handle blocks
+  of records, not records; a batch is made of random runs of ``block_length`` neighbouring records.
+
+Batches are ``(features [B, F] float32, labels [B, L] float32)``; options yield sparse features as a
+``tf.SparseTensor`` or half-precision features in their stored dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import os
 import tensorflow as tf
 
 from data_pipeline import manifest as mf
+from data_pipeline import rows as rows_lib
 from data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,21 +46,26 @@ class ReaderOptions:
     """Options of the input pipeline.
 
     Attributes:
-      shuffle: shuffle files and blocks of records.
-      shuffle_buffer: records held by the shuffle buffer (bounds memory).
+      shuffle: shuffle files and blocks (and, packed, the rows of each group of blocks).
+      shuffle_buffer: examples held by the shuffle buffer (bounds memory; packed: in whole blocks).
       repeat: repeat forever (training); False reads the split once (evaluation, prediction).
       deterministic: same order for the same seed (reproducible tests and exact resume).
       seed: shuffle seed; the epoch number is mixed in so every epoch has its own order.
       cache: cache parsed batches in memory after the first pass (small datasets only).
       drop_remainder: drop a last partial batch (static shapes for distributed training).
       cycle_length: files read at once by the interleave.
-      block_length: consecutive records taken from one file before the interleave moves on; also the unit
-        the shuffle and the batching move around (see the module docstring).
+      block_length: one-example-per-record encodings: consecutive records taken from one file before the
+        interleave moves on; also the unit the shuffle and the batching move around.
+      mix_blocks: packed encodings: blocks whose rows are mixed together (see the shuffle guarantee above).
       on_bad_features: "fail" stops on NaN/Inf features; "skip" drops those rows and counts them.
       prefetch: batches to prefetch (tf.data.AUTOTUNE by default).
-      holdout_fraction: fraction of records held out as a validation set, chosen by a hash of the record
-        bytes (stable whatever the read order, sharding or number of workers).
-      holdout: "exclude" reads the records not held out (training), "only" the held-out ones.
+      holdout_fraction: fraction of examples held out as a validation set, chosen by a hash of the record bytes
+        (packed: of the example id), stable whatever the read order, sharding or number of workers.
+      holdout: "exclude" reads the examples not held out (training), "only" the held-out ones.
+      sparse_output: sparse-feature datasets: yield the features as a tf.SparseTensor [B, F] (float32 values)
+        instead of densifying them.
+      stored_dtype: packed half-precision datasets: yield dense features (or sparse values) in their stored
+        dtype (float16 / bfloat16, half the bytes to copy to a device) instead of float32.
     """
 
     shuffle: bool = True
@@ -62,10 +77,13 @@ class ReaderOptions:
     drop_remainder: bool = False
     cycle_length: int = 8
     block_length: int = 16
+    mix_blocks: int = 16
     on_bad_features: str = "fail"
     prefetch: int = tf.data.AUTOTUNE
     holdout_fraction: float = 0.0
     holdout: str = "exclude"
+    sparse_output: bool = False
+    stored_dtype: bool = False
 
 
 def split_files(data_dir: str, split: str, manifest: mf.Manifest | None = None) -> list[str]:
@@ -81,74 +99,6 @@ def split_files(data_dir: str, split: str, manifest: mf.Manifest | None = None) 
     return files
 
 
-def make_parse_fn(manifest: mf.Manifest, check_finite: bool = False):
-    """Returns a function parsing a [B] batch of serialized records into (features, multi-hot labels).
-
-    A handful of ops per batch, each over the whole batch (per-op cost is per batch, not per record):
-    ParseExample writes dense features straight into the [B, F] output and labels as a ragged tensor, one
-    RaggedBincount turns those into the [B, L] multi-hot matrix (duplicates count once), and one fused check
-    covers every label index of the batch.
-
-    Args:
-      manifest: the dataset's manifest (shape and encoding).
-      check_finite: fail on NaN/Inf features (checked inside the parse, which saves a pipeline stage).
-    """
-    num_features, num_labels = manifest.num_features, manifest.num_labels
-    encoding = manifest.feature_encoding
-    spec = {mf.KEY_LABELS: tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)}
-    if encoding == mf.DENSE:
-        # Fails the batch if any record has another number of values.
-        spec[mf.KEY_DENSE] = tf.io.FixedLenFeature([num_features], tf.float32)
-    elif encoding == mf.DENSE_BYTES:
-        spec[mf.KEY_DENSE] = tf.io.FixedLenFeature([], tf.string)
-    else:
-        spec[mf.KEY_SPARSE_INDEX] = tf.io.VarLenFeature(tf.int64)
-        spec[mf.KEY_SPARSE_VALUE] = tf.io.VarLenFeature(tf.float32)
-    no_weights = tf.zeros([0], tf.float32)  # RaggedBincount's "count each value once" form
-
-    def parse(serialized):
-        ex = tf.io.parse_example(serialized, spec)
-        if encoding == mf.DENSE:
-            x = ex[mf.KEY_DENSE]
-        elif encoding == mf.DENSE_BYTES:
-            # One op decodes the whole batch; it fails if any record has another length.
-            x = tf.io.decode_raw(ex[mf.KEY_DENSE], tf.float32, little_endian=True)
-            x = tf.ensure_shape(x, [None, num_features])
-        else:
-            batch = tf.shape(serialized, out_type=tf.int64)[0]
-            xi, xv = ex[mf.KEY_SPARSE_INDEX], ex[mf.KEY_SPARSE_VALUE]
-            tf.debugging.assert_less(xi.values, tf.cast(num_features, tf.int64),
-                                     message="feature index >= num_features")
-            x = tf.scatter_nd(tf.stack([xi.indices[:, 0], xi.values], axis=1), xv.values,
-                              tf.stack([batch, num_features]))
-            x.set_shape([None, num_features])
-        y = ex[mf.KEY_LABELS]
-        checks = [tf.debugging.Assert(tf.reduce_all((y.values >= 0) & (y.values < num_labels)),
-                                      [f"label index out of range [0, {num_labels})"])]
-        if check_finite:
-            checks.append(tf.debugging.Assert(all_finite(x), ["NaN/Inf feature value"]))
-        with tf.control_dependencies(checks):
-            labels = tf.raw_ops.RaggedBincount(splits=y.row_splits, values=y.values, size=num_labels,
-                                               weights=no_weights, binary_output=True)
-            x = tf.identity(x)
-        labels.set_shape([None, num_labels])
-        return x, labels
-
-    return parse
-
-
-def all_finite(x: tf.Tensor) -> tf.Tensor:
-    """True when no element of ``x`` is NaN or +-Inf; exact, and cheap for the usual all-finite batch.
-
-    One vectorised sum decides almost every batch: NaN or Inf anywhere makes the sum NaN or Inf, so a finite
-    sum proves every element finite. Only a non-finite sum (a bad value, or an overflow of large finite
-    values) pays for the element-wise is_finite, which builds a bool tensor as large as ``x`` and costs
-    about three times the sum (bench/README.md, input pipeline).
-    """
-    return tf.cond(tf.math.is_finite(tf.reduce_sum(x)), lambda: tf.constant(True),
-                   lambda: tf.reduce_all(tf.math.is_finite(x)))
-
-
 def make_dataset(data_dir: str, split: str, batch_size: int,
                  input_context: tf.distribute.InputContext | None = None,
                  options: ReaderOptions | None = None, epoch: int = 0, skip_batches: int = 0,
@@ -162,48 +112,96 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
       input_context: which pipeline this is (input_pipeline_id of num_input_pipelines); None for one.
       options: ReaderOptions.
       epoch: mixed into the shuffle seed, so each epoch has its own order.
-      skip_batches: batches to skip at the start (resuming inside an epoch).
+      skip_batches: batches to skip at the start (resuming inside an epoch; exact in deterministic mode).
       bad_feature_counter: int64 variable incremented by rows dropped for NaN/Inf (on_bad_features="skip").
 
     Returns:
-      A dataset of (features [B, F] float32, labels [B, L] float32).
+      A dataset of (features [B, F] float32 (or a tf.SparseTensor, or the stored dtype, as the options say),
+      labels [B, L] float32).
 
     Raises:
       DataError: missing directory, manifest or shard; empty split.
+      ValueError: options the dataset cannot honour (sparse_output of dense features).
     """
     opts = options or ReaderOptions()
     manifest = mf.read_manifest(data_dir)
+    if opts.sparse_output and not manifest.sparse:
+        raise ValueError(f"{data_dir}: sparse_output needs sparse features (encoding is {manifest.feature_encoding})")
+    if opts.on_bad_features == "skip" and opts.sparse_output:
+        raise ValueError("on_bad_features='skip' drops rows of dense features only; not with sparse_output")
+    compact = compact_batches(data_dir, split, batch_size, input_context, opts, epoch, skip_batches, manifest)
+    feature_dtype = rows_lib.TF_DTYPES[manifest.feature_dtype] if opts.stored_dtype else tf.float32
+    check_finite = opts.on_bad_features != "skip"
+
+    def to_batch(rows):
+        x, y = rows_lib.finalize(rows, manifest.num_features, manifest.num_labels, opts.sparse_output, feature_dtype)
+        if not check_finite:
+            return x, y
+        values = x.values if isinstance(x, tf.SparseTensor) else x
+        with tf.control_dependencies([tf.debugging.Assert(rows_lib.all_finite(values), ["NaN/Inf feature value"])]):
+            return (tf.SparseTensor(x.indices, tf.identity(x.values), x.dense_shape) if isinstance(x, tf.SparseTensor)
+                    else tf.identity(x)), y
+
+    ds = compact.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
+    if opts.on_bad_features == "skip":
+        ds = _drop_non_finite(ds, batch_size, opts.drop_remainder, bad_feature_counter)
+    if opts.cache:
+        ds = ds.cache()
+    ds = ds.prefetch(opts.prefetch)
+    ds_opts = tf.data.Options()
+    ds_opts.deterministic = opts.deterministic
+    # Sharding is done here by file or example; stop tf.distribute from sharding again.
+    ds_opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(ds_opts)
+
+
+def compact_batches(data_dir: str, split: str, batch_size: int, input_context=None,
+                    options: ReaderOptions | None = None, epoch: int = 0, skip_batches: int = 0,
+                    manifest: mf.Manifest | None = None) -> tf.data.Dataset:
+    """The batches of make_dataset before their last step: compact rows (data_pipeline/rows.py), with the
+    labels (and sparse features) still in CSR form. Used by make_dataset and the in-memory loader."""
+    opts = options or ReaderOptions()
+    manifest = manifest or mf.read_manifest(data_dir)
     files = split_files(data_dir, split, manifest)
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
+    shard_records = num_pipelines > 1 and len(files) < num_pipelines
+    if shard_records:
+        _warn_once("%s split '%s': %d files for %d input pipelines; sharding by %s instead of by file (every "
+                   "pipeline reads every file)", data_dir, split, len(files), num_pipelines,
+                   "example" if manifest.packed else "record")
     # Always seeded, so a resumed run skips the batches of the same order (exactly so in deterministic mode;
     # otherwise up to the parallel interleave's reordering).
     seed = opts.seed * 1000003 + epoch
-
     ds = tf.data.Dataset.from_tensor_slices(files)
-    shard_records = False
-    if num_pipelines > 1:
-        if len(files) >= num_pipelines:
-            ds = ds.shard(num_pipelines, pipeline_id)
-        else:
-            shard_records = True
-            _warn_once("%s split '%s': %d files for %d input pipelines; sharding by record instead of by "
-                        "file (every pipeline reads every file)", data_dir, split, len(files), num_pipelines)
+    if num_pipelines > 1 and not shard_records:
+        ds = ds.shard(num_pipelines, pipeline_id)
+    if not manifest.packed:
+        return _example_batches(ds, len(files), manifest, batch_size, opts, seed, skip_batches,
+                                (num_pipelines, pipeline_id) if shard_records else (1, 0))
+    selection = rows_lib.RowSelection(opts.holdout_fraction, opts.holdout == "only",
+                                      *((num_pipelines, pipeline_id) if shard_records else (1, 0)))
+    return _packed_batches(ds, len(files), manifest, batch_size, opts, seed, skip_batches, selection)
+
+
+def _example_batches(files, num_files, manifest, batch_size, opts, seed, skip_batches, record_shard):
+    """Compact rows of a one-example-per-record dataset (see the module docstring)."""
+    shard_records = record_shard[0] > 1
     if opts.shuffle:
         # Sharding by record needs every pipeline to see the same record order before the shard, so the
         # file order then comes from a seed common to all pipelines, and the interleave is deterministic.
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        files = files.shuffle(num_files, seed=seed, reshuffle_each_iteration=True)
     compression = manifest.compression or None
     block = max(1, opts.block_length)
     # Each element from here to the rebatch is a block of `block` serialized records of one file.
-    ds = ds.interleave(
+    ds = files.interleave(
         # TFRecordDataset's own read buffer (256 KiB for local files): a large one (8 MiB was tried) is slower,
         # because every refill writes into freshly mapped pages that the kernel must fault in and zero.
         lambda f: tf.data.TFRecordDataset(f, compression_type=compression).batch(block),
-        cycle_length=min(opts.cycle_length, len(files)), block_length=1,
+        cycle_length=min(opts.cycle_length, num_files), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic or shard_records)
     if shard_records:
-        ds = ds.shard(num_pipelines, pipeline_id)
+        ds = ds.shard(*record_shard)
     if opts.holdout_fraction > 0:
         keep = _holdout_predicate(opts.holdout_fraction, opts.holdout == "only")
         ds = ds.map(lambda records: tf.boolean_mask(records, keep(records)))
@@ -216,18 +214,117 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
     ds = ds.rebatch(batch_size, drop_remainder=opts.drop_remainder)
     if skip_batches:
         ds = ds.skip(skip_batches)
-    parse = make_parse_fn(manifest, check_finite=opts.on_bad_features != "skip")
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
-    if opts.on_bad_features == "skip":
-        ds = _drop_non_finite(ds, batch_size, opts.drop_remainder, bad_feature_counter)
-    if opts.cache:
-        ds = ds.cache()
-    ds = ds.prefetch(opts.prefetch)
-    ds_opts = tf.data.Options()
-    ds_opts.deterministic = opts.deterministic
-    # Sharding is done above by file; stop tf.distribute from sharding again.
-    ds_opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(ds_opts)
+    return ds.map(lambda raw: rows_lib.parse_examples(raw, manifest), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=opts.deterministic)
+
+
+def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_batches, selection):
+    """Compact rows of a packed dataset, batch_size rows each (see the module docstring)."""
+    if opts.shuffle:
+        files = files.shuffle(num_files, seed=seed, reshuffle_each_iteration=True)
+    compression = manifest.compression or None
+    # Unbuffered reads of uncompressed files: each block record is read straight into its string (a buffer
+    # would copy every byte once more).
+    buffer_size = None if compression else 0
+    ds = files.interleave(lambda f: tf.data.TFRecordDataset(f, compression, buffer_size),
+                          cycle_length=min(opts.cycle_length, num_files), block_length=1,
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
+    if opts.shuffle:
+        ds = ds.shuffle(max(opts.mix_blocks, opts.shuffle_buffer // manifest.block_size), seed=seed,
+                        reshuffle_each_iteration=True)
+    ds = _group_blocks(ds, max(1, opts.mix_blocks))
+    if opts.repeat:
+        ds = ds.repeat()
+    # Elements from here: (group index, [k] block records, rows to drop). The index seeds the group's row
+    # order, so a resumed run orders every group as the uninterrupted run did.
+    ds = ds.enumerate()
+    if skip_batches:
+        ds = _skip_rows(ds, skip_batches * batch_size, manifest, selection)
+    else:
+        ds = ds.map(lambda i, records: (i, records, tf.constant(0, tf.int64)))
+
+    def decode(index, records, drop):
+        group, block_of_row = rows_lib.decode_group(records, manifest, selection)
+        if opts.shuffle:
+            order = rows_lib.mixing_order(block_of_row, tf.stack([tf.constant(seed, tf.int64), index]))
+        else:
+            order = tf.range(rows_lib.num_rows(group))
+        return rows_lib.reorder(group, order[drop:]), False
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
+    if not opts.repeat:
+        # An empty group marked last closes a finite pass, so that the batch cutting emits the final partial
+        # batch. Appended after the parallel decode, it comes last whatever order the decode yields.
+        empty = rows_lib.decode_group(tf.zeros([0], tf.string), manifest, selection)[0]
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((empty, True)))
+    return _cut_batches(ds, batch_size, opts.drop_remainder, rows_lib.empty_compact(manifest), opts.deterministic)
+
+
+def _group_blocks(blocks, mix: int):
+    """Groups one pass of block records into groups of ``mix`` blocks; the pass's last group takes the blocks
+    left over (fewer than ``mix``) too, so every group holds at least ``mix`` blocks when the pass has them.
+
+    batch() moves the records into the group (no copy); only the last group of a pass, when there are blocks
+    left over, is copied by a concat.
+    """
+    empty = tf.zeros([0], tf.string)
+
+    def step(held, group):
+        def flush():  # the pass ended (group is short, or the empty end marker)
+            merged = tf.cond(tf.size(held) == 0, lambda: group,
+                             lambda: tf.cond(tf.size(group) == 0, lambda: held, lambda: tf.concat([held, group], 0)))
+            return empty, merged
+
+        return tf.cond(tf.size(group) == mix, lambda: (group, held), flush)
+
+    groups = blocks.batch(mix).concatenate(tf.data.Dataset.from_tensors(empty))
+    return groups.scan(empty, step).filter(lambda group: tf.size(group) > 0)
+
+
+def _skip_rows(ds, skip_rows: int, manifest, selection):
+    """Drops the first ``skip_rows`` selected examples: whole groups before the resume point are dropped after
+    reading only their ``n`` and ``id`` fields; the group holding it gets the number of its rows to drop."""
+
+    def count(index, records):
+        return index, records, rows_lib.selected_count(records, manifest, selection)
+
+    def running(seen, element):
+        index, records, rows = element
+        return seen + rows, (index, records, tf.clip_by_value(skip_rows - seen, 0, rows), rows)
+
+    ds = ds.map(count, num_parallel_calls=tf.data.AUTOTUNE).scan(tf.constant(0, tf.int64), running)
+    ds = ds.filter(lambda index, records, drop, rows: drop < rows)
+    return ds.map(lambda index, records, drop, rows: (index, records, drop))
+
+
+def _cut_batches(groups, batch_size: int, drop_remainder: bool, empty, deterministic: bool):
+    """Turns a dataset of (group in final row order, last) into compact rows of batch_size rows each.
+
+    A scan carries the rows left over at the end of each group (fewer than batch_size, copied once) into the
+    next group's first batch; every other batch gathers its rows straight from its group, in parallel.
+    """
+
+    def carry(leftover, element):
+        group, last = element
+        r, c = rows_lib.num_rows(leftover), rows_lib.num_rows(group)
+        full = (r + c) // batch_size
+        rest = tf.cond(full > 0, lambda: rows_lib.take(group, full * batch_size - r, c),
+                       lambda: rows_lib.concat(leftover, rows_lib.take(group, 0, c)))
+        if drop_remainder:
+            return rest, (leftover, group, r, full)
+        return rest, (leftover, group, r, full + tf.cast(last & (r + c > full * batch_size), tf.int64))
+
+    def batches(leftover, group, r, count):
+        return tf.data.Dataset.from_tensors((leftover, group, r)).repeat(count).enumerate()
+
+    def one_batch(j, element):
+        leftover, group, r = element
+        start, stop = j * batch_size - r, tf.minimum((j + 1) * batch_size - r, rows_lib.num_rows(group))
+        return tf.cond((j == 0) & (r > 0), lambda: rows_lib.concat(leftover, rows_lib.take(group, 0, stop)),
+                       lambda: rows_lib.take(group, start, stop))
+
+    ds = groups.scan(empty, carry).flat_map(batches)
+    return ds.map(one_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
 
 _warned: set[str] = set()
@@ -261,12 +358,6 @@ def _drop_non_finite(ds, batch_size, drop_remainder, counter):
         return tf.boolean_mask(x, ok), tf.boolean_mask(y, ok)
 
     return ds.map(keep_finite).rebatch(batch_size, drop_remainder=drop_remainder)
-
-
-def steps_per_epoch(data_dir: str, split: str, global_batch_size: int) -> int:
-    """Full global batches in one pass over a split (at least 1)."""
-    info = mf.read_manifest(data_dir).split(split, data_dir)
-    return max(1, info.num_examples // global_batch_size)
 
 
 def explain_data_error(data_dir: str, split: str, exc: BaseException) -> DataError:
