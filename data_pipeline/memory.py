@@ -27,6 +27,8 @@ from data_pipeline import packed
 from data_pipeline import reader
 from data_pipeline import rows as rows_lib
 
+_graph = tf.autograph.experimental.do_not_convert  # plain TensorFlow functions: no AutoGraph conversion
+
 
 @dataclasses.dataclass
 class InMemoryData:
@@ -120,8 +122,8 @@ def load_split(data_dir: str, split: str, input_context: tf.distribute.InputCont
       DataError: as make_dataset; a bad record fails the read (reader.explain_data_error names it).
     """
     manifest = mf.read_manifest(data_dir)
-    options = reader.ReaderOptions(shuffle=False, repeat=False, deterministic=True, holdout_fraction=holdout_fraction,
-                                   holdout=holdout)
+    options = reader.ReaderOptions(shuffle=False, repeat=False, deterministic=True, cycle_length=1,
+                                   holdout_fraction=holdout_fraction, holdout=holdout)
     batches = reader.compact_batches(data_dir, split, 4096, input_context, options, manifest=manifest)
     upper = _share(manifest, data_dir, split, input_context)[0]
     x, n, parts = None, 0, {k: [] for k in ("y", "yn", "xi", "xv", "xn")}
@@ -211,17 +213,17 @@ def make_memory_dataset(data: InMemoryData, batch_size: int, seed: int = 0, epoc
 
     def epoch_batches(e):
         order = epoch_permutation(seed, e, n) if shuffle else tf.range(n, dtype=tf.int64)
-        return tf.data.Dataset.range(steps).map(lambda j: batch_indices(order, j, batch_size))
+        return tf.data.Dataset.range(steps).map(_graph(lambda j: batch_indices(order, j, batch_size)))
 
     last = epoch + 1 if not repeat else np.iinfo(np.int64).max
-    indices = tf.data.Dataset.range(epoch, last).flat_map(epoch_batches).skip(skip_batches)
+    indices = tf.data.Dataset.range(epoch, last).flat_map(_graph(epoch_batches)).skip(skip_batches)
     arrays = tf.data.Dataset.from_tensors(data.tensors()).repeat()
 
     def to_batch(idx, tensors):
         return rows_lib.finalize(gather_rows(tensors, idx), data.num_features, data.num_labels, sparse_output,
                                  feature_dtype)
 
-    ds = tf.data.Dataset.zip((indices, arrays)).map(to_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.zip((indices, arrays)).map(_graph(to_batch), num_parallel_calls=tf.data.AUTOTUNE)
     ds_opts = tf.data.Options()
     ds_opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.prefetch(tf.data.AUTOTUNE).with_options(ds_opts)

@@ -29,8 +29,10 @@ Batches are ``(features [B, F] float32, labels [B, L] float32)``; options yield 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import types
 
 import tensorflow as tf
 
@@ -39,6 +41,9 @@ from data_pipeline import rows as rows_lib
 from data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
+# The functions given to tf.data are plain TensorFlow (tf.cond, no Python control flow on tensors): skipping
+# AutoGraph's source conversion makes building a pipeline several times faster.
+_graph = tf.autograph.experimental.do_not_convert
 
 
 @dataclasses.dataclass
@@ -130,18 +135,9 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
     if opts.on_bad_features == "skip" and opts.sparse_output:
         raise ValueError("on_bad_features='skip' drops rows of dense features only; not with sparse_output")
     compact = compact_batches(data_dir, split, batch_size, input_context, opts, epoch, skip_batches, manifest)
-    feature_dtype = rows_lib.TF_DTYPES[manifest.feature_dtype] if opts.stored_dtype else tf.float32
-    check_finite = opts.on_bad_features != "skip"
-
-    def to_batch(rows):
-        x, y = rows_lib.finalize(rows, manifest.num_features, manifest.num_labels, opts.sparse_output, feature_dtype)
-        if not check_finite:
-            return x, y
-        values = x.values if isinstance(x, tf.SparseTensor) else x
-        with tf.control_dependencies([tf.debugging.Assert(rows_lib.all_finite(values), ["NaN/Inf feature value"])]):
-            return (tf.SparseTensor(x.indices, tf.identity(x.values), x.dense_shape) if isinstance(x, tf.SparseTensor)
-                    else tf.identity(x)), y
-
+    feature_dtype = manifest.feature_dtype if opts.stored_dtype else "float32"
+    to_batch = _batch_function(rows_lib.Layout.of(manifest), opts.sparse_output, feature_dtype,
+                               opts.on_bad_features != "skip")
     ds = compact.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
     if opts.on_bad_features == "skip":
         ds = _drop_non_finite(ds, batch_size, opts.drop_remainder, bad_feature_counter)
@@ -153,6 +149,25 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
     # Sharding is done here by file or example; stop tf.distribute from sharding again.
     ds_opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(ds_opts)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_function(layout: rows_lib.Layout, sparse_output: bool, feature_dtype: str, check_finite: bool):
+    """Compact rows -> (features, labels), checking features for NaN/Inf; traced once per process for a layout
+    and options (every make_dataset call, e.g. one per epoch, reuses it)."""
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def to_batch(rows):
+        x, y = rows_lib.finalize(rows, layout.num_features, layout.num_labels, sparse_output,
+                                 rows_lib.TF_DTYPES[feature_dtype])
+        if not check_finite:
+            return x, y
+        values = x.values if isinstance(x, tf.SparseTensor) else x
+        with tf.control_dependencies([tf.debugging.Assert(rows_lib.all_finite(values), ["NaN/Inf feature value"])]):
+            return (tf.SparseTensor(x.indices, tf.identity(x.values), x.dense_shape) if isinstance(x, tf.SparseTensor)
+                    else tf.identity(x)), y
+
+    return to_batch
 
 
 def compact_batches(data_dir: str, split: str, batch_size: int, input_context=None,
@@ -197,14 +212,14 @@ def _example_batches(files, num_files, manifest, batch_size, opts, seed, skip_ba
     ds = files.interleave(
         # TFRecordDataset's own read buffer (256 KiB for local files): a large one (8 MiB was tried) is slower,
         # because every refill writes into freshly mapped pages that the kernel must fault in and zero.
-        lambda f: tf.data.TFRecordDataset(f, compression_type=compression).batch(block),
+        _graph(lambda f: tf.data.TFRecordDataset(f, compression_type=compression).batch(block)),
         cycle_length=min(opts.cycle_length, num_files), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic or shard_records)
     if shard_records:
         ds = ds.shard(*record_shard)
     if opts.holdout_fraction > 0:
         keep = _holdout_predicate(opts.holdout_fraction, opts.holdout == "only")
-        ds = ds.map(lambda records: tf.boolean_mask(records, keep(records)))
+        ds = ds.map(_graph(lambda records: tf.boolean_mask(records, keep(records))))
     if opts.shuffle:
         ds = ds.shuffle(max(1, opts.shuffle_buffer // block), seed=seed, reshuffle_each_iteration=True)
     if opts.repeat:
@@ -214,7 +229,7 @@ def _example_batches(files, num_files, manifest, batch_size, opts, seed, skip_ba
     ds = ds.rebatch(batch_size, drop_remainder=opts.drop_remainder)
     if skip_batches:
         ds = ds.skip(skip_batches)
-    return ds.map(lambda raw: rows_lib.parse_examples(raw, manifest), num_parallel_calls=tf.data.AUTOTUNE,
+    return ds.map(_graph(lambda raw: rows_lib.parse_examples(raw, manifest)), num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=opts.deterministic)
 
 
@@ -226,105 +241,113 @@ def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_bat
     # Unbuffered reads of uncompressed files: each block record is read straight into its string (a buffer
     # would copy every byte once more).
     buffer_size = None if compression else 0
-    ds = files.interleave(lambda f: tf.data.TFRecordDataset(f, compression, buffer_size),
+    ds = files.interleave(_graph(lambda f: tf.data.TFRecordDataset(f, compression, buffer_size)),
                           cycle_length=min(opts.cycle_length, num_files), block_length=1,
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
     if opts.shuffle:
         ds = ds.shuffle(max(opts.mix_blocks, opts.shuffle_buffer // manifest.block_size), seed=seed,
                         reshuffle_each_iteration=True)
-    ds = _group_blocks(ds, max(1, opts.mix_blocks))
+    ops = _packed_functions(rows_lib.Layout.of(manifest), selection.selects, max(1, opts.mix_blocks), opts.shuffle,
+                            batch_size, opts.drop_remainder)
+    params = selection.params()
+    empty = tf.zeros([0], tf.string)
+    ds = ds.batch(ops.mix).concatenate(tf.data.Dataset.from_tensors(empty)).scan(empty, ops.group_blocks)
+    ds = ds.filter(_graph(lambda group: tf.size(group) > 0))
     if opts.repeat:
         ds = ds.repeat()
     # Elements from here: (group index, [k] block records, rows to drop). The index seeds the group's row
     # order, so a resumed run orders every group as the uninterrupted run did.
     ds = ds.enumerate()
     if skip_batches:
-        ds = _skip_rows(ds, skip_batches * batch_size, manifest, selection)
+        ds = _skip_rows(ds, skip_batches * batch_size, lambda records: ops.count(records, params))
     else:
-        ds = ds.map(lambda i, records: (i, records, tf.constant(0, tf.int64)))
-
-    def decode(index, records, drop):
-        group, block_of_row = rows_lib.decode_group(records, manifest, selection)
-        if opts.shuffle:
-            order = rows_lib.mixing_order(block_of_row, tf.stack([tf.constant(seed, tf.int64), index]))
-        else:
-            order = tf.range(rows_lib.num_rows(group))
-        return rows_lib.reorder(group, order[drop:]), False
-
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
+        ds = ds.map(_graph(lambda i, records: (i, records, tf.constant(0, tf.int64))))
+    seed = tf.constant(seed, tf.int64)
+    ds = ds.map(_graph(lambda i, records, drop: (ops.decode(records, tf.stack([seed, i]), drop, params), False)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
     if not opts.repeat:
         # An empty group marked last closes a finite pass, so that the batch cutting emits the final partial
         # batch. Appended after the parallel decode, it comes last whatever order the decode yields.
-        empty = rows_lib.decode_group(tf.zeros([0], tf.string), manifest, selection)[0]
-        ds = ds.concatenate(tf.data.Dataset.from_tensors((empty, True)))
-    return _cut_batches(ds, batch_size, opts.drop_remainder, rows_lib.empty_compact(manifest), opts.deterministic)
+        nothing = rows_lib.decode_group(empty, ops.layout)[0]
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((nothing, True)))
+    # A scan carries the rows left over at the end of each group (fewer than batch_size, copied once) into the
+    # next group's first batch; every other batch gathers its rows straight from its group, in parallel.
+    ds = ds.scan(rows_lib.empty_compact(ops.layout), _graph(lambda leftover, element: ops.carry(leftover, *element)))
+    ds = ds.flat_map(_graph(lambda leftover, group, r, count: tf.data.Dataset.from_tensors(
+        (leftover, group, r)).repeat(count).enumerate()))
+    return ds.map(_graph(lambda j, element: ops.one_batch(*element, j)), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=opts.deterministic)
 
 
-def _group_blocks(blocks, mix: int):
-    """Groups one pass of block records into groups of ``mix`` blocks; the pass's last group takes the blocks
-    left over (fewer than ``mix``) too, so every group holds at least ``mix`` blocks when the pass has them.
-
-    batch() moves the records into the group (no copy); only the last group of a pass, when there are blocks
-    left over, is copied by a concat.
-    """
-    empty = tf.zeros([0], tf.string)
-
-    def step(held, group):
-        def flush():  # the pass ended (group is short, or the empty end marker)
-            merged = tf.cond(tf.size(held) == 0, lambda: group,
-                             lambda: tf.cond(tf.size(group) == 0, lambda: held, lambda: tf.concat([held, group], 0)))
-            return empty, merged
-
-        return tf.cond(tf.size(group) == mix, lambda: (group, held), flush)
-
-    groups = blocks.batch(mix).concatenate(tf.data.Dataset.from_tensors(empty))
-    return groups.scan(empty, step).filter(lambda group: tf.size(group) > 0)
-
-
-def _skip_rows(ds, skip_rows: int, manifest, selection):
+def _skip_rows(ds, skip_rows: int, count):
     """Drops the first ``skip_rows`` selected examples: whole groups before the resume point are dropped after
-    reading only their ``n`` and ``id`` fields; the group holding it gets the number of its rows to drop."""
-
-    def count(index, records):
-        return index, records, rows_lib.selected_count(records, manifest, selection)
+    reading only their ``n`` and ``id`` fields (``count``); the group holding it gets the number of its rows to
+    drop."""
 
     def running(seen, element):
         index, records, rows = element
         return seen + rows, (index, records, tf.clip_by_value(skip_rows - seen, 0, rows), rows)
 
-    ds = ds.map(count, num_parallel_calls=tf.data.AUTOTUNE).scan(tf.constant(0, tf.int64), running)
-    ds = ds.filter(lambda index, records, drop, rows: drop < rows)
-    return ds.map(lambda index, records, drop, rows: (index, records, drop))
+    ds = ds.map(_graph(lambda index, records: (index, records, count(records))), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.scan(tf.constant(0, tf.int64), _graph(running))
+    ds = ds.filter(_graph(lambda index, records, drop, rows: drop < rows))
+    return ds.map(_graph(lambda index, records, drop, rows: (index, records, drop)))
 
 
-def _cut_batches(groups, batch_size: int, drop_remainder: bool, empty, deterministic: bool):
-    """Turns a dataset of (group in final row order, last) into compact rows of batch_size rows each.
+@functools.lru_cache(maxsize=None)
+def _packed_functions(layout: rows_lib.Layout, selects: bool, mix: int, shuffle: bool, batch_size: int,
+                      drop_remainder: bool):
+    """The per-group and per-batch functions of a packed pipeline, traced once per process for these arguments
+    (the selection of examples, when ``selects``, is a tensor argument): make_dataset, called once per epoch and
+    per input pipeline, then only assembles datasets around them."""
+    function = functools.partial(tf.function, autograph=False, reduce_retracing=True)
+    empty_records = tf.zeros([0], tf.string)
 
-    A scan carries the rows left over at the end of each group (fewer than batch_size, copied once) into the
-    next group's first batch; every other batch gathers its rows straight from its group, in parallel.
-    """
+    @function
+    def group_blocks(held, group):
+        """Groups of ``mix`` blocks; the last group of a pass takes the blocks left over (fewer than ``mix``)
+        too, so every group holds at least ``mix`` blocks when the pass has them. Batching moves the records
+        into a group (no copy); only that last group, when there are blocks left over, is copied by a concat.
+        """
+        def flush():  # the pass ended (group is short, or the empty end marker)
+            merged = tf.cond(tf.size(held) == 0, lambda: group,
+                             lambda: tf.cond(tf.size(group) == 0, lambda: held, lambda: tf.concat([held, group], 0)))
+            return empty_records, merged
 
-    def carry(leftover, element):
-        group, last = element
+        return tf.cond(tf.size(group) == mix, lambda: (group, held), flush)
+
+    @function
+    def count(records, selection):
+        return rows_lib.selected_count(records, layout, selection if selects else None)
+
+    @function
+    def decode(records, seed, drop, selection):
+        group, block_of_row = rows_lib.decode_group(records, layout, selection if selects else None)
+        order = (rows_lib.mixing_order(block_of_row, seed) if shuffle else
+                 tf.range(rows_lib.num_rows(group)))
+        return rows_lib.reorder(group, order[drop:])
+
+    @function
+    def carry(leftover, group, last):
+        """(rows left over after this group's full batches, (the previous leftover, group, its row count,
+        batches to cut from them))."""
         r, c = rows_lib.num_rows(leftover), rows_lib.num_rows(group)
         full = (r + c) // batch_size
         rest = tf.cond(full > 0, lambda: rows_lib.take(group, full * batch_size - r, c),
                        lambda: rows_lib.concat(leftover, rows_lib.take(group, 0, c)))
-        if drop_remainder:
-            return rest, (leftover, group, r, full)
-        return rest, (leftover, group, r, full + tf.cast(last & (r + c > full * batch_size), tf.int64))
+        count = full if drop_remainder else full + tf.cast(last & (r + c > full * batch_size), tf.int64)
+        return rest, (leftover, group, r, count)
 
-    def batches(leftover, group, r, count):
-        return tf.data.Dataset.from_tensors((leftover, group, r)).repeat(count).enumerate()
-
-    def one_batch(j, element):
-        leftover, group, r = element
+    @function
+    def one_batch(leftover, group, r, j):
+        """Batch j of a group: rows j*B - r .. (j+1)*B - r of it, after the r rows left over by the groups
+        before it for batch 0."""
         start, stop = j * batch_size - r, tf.minimum((j + 1) * batch_size - r, rows_lib.num_rows(group))
         return tf.cond((j == 0) & (r > 0), lambda: rows_lib.concat(leftover, rows_lib.take(group, 0, stop)),
                        lambda: rows_lib.take(group, start, stop))
 
-    ds = groups.scan(empty, carry).flat_map(batches)
-    return ds.map(one_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    return types.SimpleNamespace(layout=layout, mix=mix, group_blocks=group_blocks, count=count, decode=decode,
+                                 carry=carry, one_batch=one_batch)
 
 
 _warned: set[str] = set()
@@ -357,7 +380,7 @@ def _drop_non_finite(ds, batch_size, drop_remainder, counter):
             counter.assign_add(tf.reduce_sum(tf.cast(~ok, tf.int64)))
         return tf.boolean_mask(x, ok), tf.boolean_mask(y, ok)
 
-    return ds.map(keep_finite).rebatch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(_graph(keep_finite)).rebatch(batch_size, drop_remainder=drop_remainder)
 
 
 def explain_data_error(data_dir: str, split: str, exc: BaseException) -> DataError:

@@ -28,6 +28,27 @@ _REFS = ("xr", "xs", "xn", "ys", "yn")  # per-row references of a group
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """What decoding needs to know of a dataset (the manifest's fields of the same names); hashable, so that the
+    functions built for a layout can be reused by every pipeline that reads one."""
+
+    feature_encoding: str
+    feature_dtype: str
+    block_size: int
+    num_features: int
+    num_labels: int
+
+    @classmethod
+    def of(cls, manifest: mf.Manifest) -> "Layout":
+        return cls(manifest.feature_encoding, manifest.feature_dtype, manifest.block_size, manifest.num_features,
+                   manifest.num_labels)
+
+    @property
+    def sparse(self) -> bool:
+        return self.feature_encoding in mf.SPARSE_ENCODINGS
+
+
+@dataclasses.dataclass(frozen=True)
 class RowSelection:
     """Which examples of a packed split an input pipeline reads, decided per example id.
 
@@ -46,16 +67,18 @@ class RowSelection:
     def selects(self) -> bool:
         return self.holdout_fraction > 0 or self.num_shards > 1
 
-    def keep(self, ids: tf.Tensor) -> tf.Tensor:
-        """Boolean mask over int64 ids."""
-        keep = tf.ones_like(ids, tf.bool)
-        if self.holdout_fraction > 0:
-            cut = int(round(self.holdout_fraction * packed.HOLDOUT_BUCKETS))
-            held = holdout_buckets(ids) < cut
-            keep = held if self.held_out else tf.logical_not(held)
-        if self.num_shards > 1:
-            keep &= tf.math.floormod(ids, self.num_shards) == self.shard_index
-        return keep
+    def params(self) -> tf.Tensor:
+        """The selection as an int64 [4] tensor (keep's argument): functions traced once serve every pipeline."""
+        cut = int(round(self.holdout_fraction * packed.HOLDOUT_BUCKETS))
+        return tf.constant([cut, int(self.held_out), self.num_shards, self.shard_index], tf.int64)
+
+    @staticmethod
+    def keep(ids: tf.Tensor, params: tf.Tensor) -> tf.Tensor:
+        """Boolean mask over int64 ids of the examples a selection (its params()) reads."""
+        cut, held_out, num_shards, shard_index = tf.unstack(params)
+        held = holdout_buckets(ids) < cut
+        in_holdout_part = (cut == 0) | (held == (held_out > 0))  # no holdout: every example
+        return in_holdout_part & (tf.math.floormod(ids, num_shards) == shard_index)
 
 
 def holdout_buckets(ids: tf.Tensor) -> tf.Tensor:
@@ -69,8 +92,9 @@ def holdout_buckets(ids: tf.Tensor) -> tf.Tensor:
 
 # --- packed blocks -> group ---------------------------------------------------------------------------------
 
-def decode_group(records: tf.Tensor, manifest: mf.Manifest, selection: RowSelection):
-    """Decodes a [k] vector of packed block records into a group of the selected examples.
+def decode_group(records: tf.Tensor, layout: Layout, selection: tf.Tensor | None = None):
+    """Decodes a [k] vector of packed block records into a group of the examples a selection reads (its
+    RowSelection.params(); None: every example).
 
     The checks that make a bad block fail the batch (block size, byte lengths, offsets, index ranges) are one
     fused assertion; ``reader.explain_data_error`` then names the file and record.
@@ -78,13 +102,13 @@ def decode_group(records: tf.Tensor, manifest: mf.Manifest, selection: RowSelect
     Returns:
       (group in block order, the block of each of its rows [c] int32).
     """
-    block_size, num_features = manifest.block_size, manifest.num_features
-    dtype = TF_DTYPES[manifest.feature_dtype]
-    width = packed.itemsize(manifest.feature_dtype)
+    block_size, num_features = layout.block_size, layout.num_features
+    dtype = TF_DTYPES[layout.feature_dtype]
+    width = packed.itemsize(layout.feature_dtype)
     spec = {key: tf.io.FixedLenFeature([], tf.string) for key in (mf.KEY_LABELS, mf.KEY_LABEL_OFFSETS)}
     spec[mf.KEY_BLOCK_ROWS] = tf.io.FixedLenFeature([], tf.int64)
     spec[mf.KEY_BLOCK_ID] = tf.io.FixedLenFeature([], tf.int64)
-    if manifest.sparse:
+    if layout.sparse:
         spec.update({key: tf.io.FixedLenFeature([], tf.string)
                      for key in (mf.KEY_SPARSE_INDEX, mf.KEY_SPARSE_VALUE, mf.KEY_SPARSE_OFFSETS)})
     elif dtype == tf.float32:
@@ -97,8 +121,8 @@ def decode_group(records: tf.Tensor, manifest: mf.Manifest, selection: RowSelect
     n, block_of_row, r, ids = _block_rows(ex, block_size)
     group = {}
     group["y"], group["ys"], group["yn"] = _csr(ex[mf.KEY_LABELS], ex[mf.KEY_LABEL_OFFSETS], tf.int32, 4, n,
-                                                block_of_row, r, manifest.num_labels, ok)
-    if manifest.sparse:
+                                                block_of_row, r, layout.num_labels, ok)
+    if layout.sparse:
         group["xi"], group["xs"], group["xn"] = _csr(ex[mf.KEY_SPARSE_INDEX], ex[mf.KEY_SPARSE_OFFSETS], tf.int32,
                                                      4, n, block_of_row, r, num_features, ok)
         values = tf.strings.reduce_join(ex[mf.KEY_SPARSE_VALUE])
@@ -115,21 +139,21 @@ def decode_group(records: tf.Tensor, manifest: mf.Manifest, selection: RowSelect
         group["xr"] = tf.cast(block_of_row, tf.int64) * block_size + r
     with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(tf.stack(ok)), ["bad packed block record"])]):
         group = {k: tf.identity(v) for k, v in group.items()}
-    if selection.selects:
-        keep = selection.keep(ids)
-        group = {k: tf.boolean_mask(v, keep) if k in _REFS else v for k, v in group.items()}
-        block_of_row = tf.boolean_mask(block_of_row, keep)
+    if selection is not None:
+        kept = tf.where(RowSelection.keep(ids, selection))[:, 0]
+        group = reorder(group, kept)
+        block_of_row = tf.gather(block_of_row, kept)
     return group, block_of_row
 
 
-def selected_count(records: tf.Tensor, manifest: mf.Manifest, selection: RowSelection) -> tf.Tensor:
+def selected_count(records: tf.Tensor, layout: Layout, selection: tf.Tensor | None = None) -> tf.Tensor:
     """The number of examples decode_group would return for these records, from their ``n`` and ``id`` fields
     alone (the parser skips the large ones): int64 scalar."""
     spec = {key: tf.io.FixedLenFeature([], tf.int64) for key in (mf.KEY_BLOCK_ROWS, mf.KEY_BLOCK_ID)}
-    n, _, _, ids = _block_rows(tf.io.parse_example(records, spec), manifest.block_size)
-    if not selection.selects:
+    n, _, _, ids = _block_rows(tf.io.parse_example(records, spec), layout.block_size)
+    if selection is None:
         return tf.reduce_sum(n)
-    return tf.reduce_sum(tf.cast(selection.keep(ids), tf.int64))
+    return tf.reduce_sum(tf.cast(RowSelection.keep(ids, selection), tf.int64))
 
 
 def _block_rows(ex: dict, block_size: int):
@@ -137,8 +161,10 @@ def _block_rows(ex: dict, block_size: int):
     blocks. A row count outside [1, block_size] is clipped, so that a bad block fails decode_group's checks,
     not a shape check."""
     n = tf.clip_by_value(ex[mf.KEY_BLOCK_ROWS], 0, block_size)
-    block_of_row = tf.repeat(tf.range(tf.size(n, tf.int32)), n)
-    r = tf.range(tf.reduce_sum(n)) - tf.gather(tf.cumsum(n, exclusive=True), block_of_row)
+    ends = tf.cumsum(n)
+    rows = tf.range(tf.reduce_sum(n))
+    block_of_row = tf.searchsorted(ends, rows, side="right", out_type=tf.int32)
+    r = rows - tf.gather(ends - n, block_of_row)
     return n, block_of_row, r, tf.gather(ex[mf.KEY_BLOCK_ID], block_of_row) + r
 
 
@@ -207,7 +233,8 @@ def num_rows(rows: dict) -> tf.Tensor:
 
 def take(group: dict, start, stop) -> dict:
     """Compact rows ``start:stop`` of a group: the copy of their feature bytes."""
-    refs = {k: v[start:stop] for k, v in group.items() if k in _REFS}
+    positions = tf.range(start, stop)
+    refs = {k: tf.gather(v, positions) for k, v in group.items() if k in _REFS}
     out = {"yn": refs["yn"], "y": gather_csr(group["y"], refs["ys"], refs["yn"])}
     if "x" in group:
         out["x"] = tf.gather(group["x"], refs["xr"])
@@ -227,14 +254,14 @@ def concat(a: dict, b: dict) -> dict:
     return {k: tf.concat([a[k], b[k]], 0) for k in a}
 
 
-def empty_compact(manifest: mf.Manifest) -> dict:
+def empty_compact(layout: Layout) -> dict:
     """Compact rows holding no row, of the dataset's dtypes (an initial state)."""
-    dtype = TF_DTYPES[manifest.feature_dtype]
+    dtype = TF_DTYPES[layout.feature_dtype]
     out = {"y": tf.zeros([0], tf.int32), "yn": tf.zeros([0], tf.int64)}
-    if manifest.sparse:
+    if layout.sparse:
         out.update(xi=tf.zeros([0], tf.int32), xv=tf.zeros([0], dtype), xn=tf.zeros([0], tf.int64))
     else:
-        out["x"] = tf.zeros([0, manifest.num_features], dtype)
+        out["x"] = tf.zeros([0, layout.num_features], dtype)
     return out
 
 
@@ -252,7 +279,7 @@ def finalize(rows: dict, num_features: int, num_labels: int, sparse_output: bool
     if "x" in rows:
         return tf.cast(rows["x"], feature_dtype), labels
     c = tf.size(rows["xn"], tf.int64)
-    row_ids = tf.repeat(tf.range(c), rows["xn"])
+    row_ids = tf.ragged.row_splits_to_segment_ids(tf.concat([tf.zeros([1], tf.int64), tf.cumsum(rows["xn"])], 0))
     indices = tf.stack([row_ids, tf.cast(rows["xi"], tf.int64)], axis=1)
     values = tf.cast(rows["xv"], feature_dtype)
     shape = tf.stack([c, tf.constant(num_features, tf.int64)])
@@ -265,15 +292,15 @@ def finalize(rows: dict, num_features: int, num_labels: int, sparse_output: bool
 
 # --- per-example records -> compact rows ----------------------------------------------------------------------
 
-def parse_examples(serialized: tf.Tensor, manifest: mf.Manifest) -> dict:
+def parse_examples(serialized: tf.Tensor, layout: Layout) -> dict:
     """Parses a [B] batch of one-example records (encodings dense, dense_bytes, sparse) into compact rows.
 
     A handful of ops per batch: ParseExample writes dense features straight into the [B, F] output (or the
     raw bytes, decoded by one decode_raw) and labels and sparse features as ragged values. The checks (label
     and feature index ranges, feature lengths) fail the batch; reader.explain_data_error names the record.
     """
-    num_features, num_labels = manifest.num_features, manifest.num_labels
-    encoding = manifest.feature_encoding
+    num_features, num_labels = layout.num_features, layout.num_labels
+    encoding = layout.feature_encoding
     spec = {mf.KEY_LABELS: tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)}
     if encoding == mf.DENSE:
         spec[mf.KEY_DENSE] = tf.io.FixedLenFeature([num_features], tf.float32)  # fails on another length
