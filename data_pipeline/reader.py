@@ -273,8 +273,9 @@ def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_bat
     # A scan carries the rows left over at the end of each group (fewer than batch_size, copied once) into the
     # next group's first batch; every other batch gathers its rows straight from its group, in parallel.
     ds = ds.scan(rows_lib.empty_compact(ops.layout), _graph(lambda leftover, element: ops.carry(leftover, *element)))
-    ds = ds.flat_map(_graph(lambda leftover, group, r, count: tf.data.Dataset.from_tensors(
-        (leftover, group, r)).repeat(count).enumerate()))
+    # (zip with a range, not enumerate(): enumerate adds a graph rewrite to every group's inner dataset)
+    ds = ds.flat_map(_graph(lambda leftover, group, r, count: tf.data.Dataset.zip(
+        tf.data.Dataset.range(count), tf.data.Dataset.from_tensors((leftover, group, r)).repeat(count))))
     return ds.map(_graph(lambda j, element: ops.one_batch(*element, j)), num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=opts.deterministic)
 
