@@ -51,7 +51,7 @@ def parse_one_example(num_features: int, num_labels: int):
 
     ``parse_single_example`` on one serialized record, then its multi-hot label vector as the sum of one-hots
     (zeros for a record without labels), clipped for duplicates. The package's reader parses whole batches
-    instead (data_pipeline.reader.make_parse_fn).
+    instead (data_pipeline.rows.parse_examples, or the packed encodings' blocks).
     """
     import tensorflow as tf  # Lazily: bench/tune_defaults.py only drives the CLI and needs no TensorFlow.
 

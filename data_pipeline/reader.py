@@ -2,18 +2,21 @@
 
 Packed datasets (one record holds a block of examples, data_pipeline/packed.py), in order:
   file list -> shard files by input pipeline -> shuffle files -> parallel interleave of block records ->
-  shuffle blocks (bounded buffer) -> repeat -> groups of ``mix_blocks`` blocks -> [skip: count each group's
-  rows from two small fields and drop the groups before the resume point, nothing decoded] -> decode each
-  group in one parse + decode_raw (parallel), select its examples by id (holdout, record sharding), put its
-  rows in a mixing order -> cut batches of exactly ``batch_size`` rows (a batch crossing two groups takes the
-  tail of one and the head of the next) -> gather each batch's rows (its one copy of the feature bytes) ->
-  multi-hot labels -> prefetch. The work per example is memory copies; every op runs once per group or batch.
+  shuffle blocks (bounded buffer) -> groups of ``mix_blocks`` blocks (within one pass) -> repeat -> [skip:
+  count each group's rows from two small fields and drop the groups before the resume point, nothing
+  decoded] -> decode each group in one parse (+ decode_raw for 16-bit features), in parallel, select its
+  examples by id (holdout, sharding by example), put its rows in a mixing order -> cut batches of exactly
+  ``batch_size`` rows (a batch crossing two groups takes the tail of one and the head of the next) -> gather
+  each batch's rows (its one copy of the feature bytes) -> multi-hot labels -> prefetch. The work per example
+  is memory copies; every op runs once per group or per batch.
 
-Shuffle guarantee (packed, shuffle on): each group takes ``mix_blocks`` blocks from the shuffle buffer and
-orders its rows so that every run of W consecutive rows holds rows of min(W, mix_blocks) different blocks
-(equal-size blocks; rows.mixing_order). A batch is one such run, or the tail of one group and the head of the
-next, so it draws its rows from at least min(mix_blocks, ceil(batch_size / 2)) blocks. Holdout makes block
-sizes differ by a few rows, which can cost a block or two of that bound.
+Shuffle guarantee (packed, shuffle on): a group holds ``mix_blocks`` blocks from the shuffle buffer (the last
+group of a pass over the data: up to 2 * mix_blocks - 1) and orders its rows so that any run of W consecutive
+rows holds rows of min(W, its blocks) different blocks when the blocks hold equally many examples
+(rows.mixing_order). A batch is one such run, or the tail of one group and the head of the next, so every batch
+draws its rows from at least min(mix_blocks, ceil(batch_size / 2)) blocks. A holdout makes block sizes differ a
+little; while they differ by less than a factor 2 the bound is min(mix_blocks, ceil(batch_size / 4)). The
+writer fills every block but the last of a split; the group holding that one may give a batch one block fewer.
 
 One-example-per-record datasets (the older encodings):
   file list -> shard files -> shuffle files -> parallel interleave of blocks (each file read as blocks of

@@ -195,11 +195,10 @@ def mixing_order(block_of_row: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """A random order of a group's rows that spreads the rows of every block evenly over the group.
 
     Each block's rows are put in a random order and given the keys ``(rank + o_b) / m_b`` (rank 0..m_b-1 within
-    the block, m_b its rows, o_b a random offset in [0, 1)); the order sorts the keys. Keys of one block are
-    1/m_b apart, so a run of W consecutive rows of the order that misses block b lies in one gap of b's keys
-    and holds at most ``m_b'/m_b + 1`` rows of every other block b': any run of at least
-    ``c/m_b + k - 1`` rows (c rows, k blocks) holds a row of b. With equal blocks every run of ``2k - 1`` rows
-    holds every block of the group.
+    the block, m_b its rows, o_b a random offset in [0, 1)); the order sorts the keys. With equal blocks (m rows
+    each) the keys of a block are 1/m apart and cover [0, 1) with gaps of at most 1/m, so a run of consecutive
+    rows whose keys span less than 1/m holds at most one row of each block, and a run spanning more holds
+    every block: any run of W rows holds rows of min(W, k) different blocks (k blocks in the group).
 
     Args:
       block_of_row: [c] int32, the block of each row, rows grouped by block (as decode_group returns them).
