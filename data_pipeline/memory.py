@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -89,10 +90,10 @@ def estimate_bytes(data_dir: str, split: str, input_context: tf.distribute.Input
     """
     manifest = mf.read_manifest(data_dir)
     info = manifest.split(split, data_dir)
-    files, share = _share(manifest, data_dir, split, input_context)
+    in_files, share = _share(manifest, data_dir, split, input_context)
     if holdout_fraction > 0:
         share *= holdout_fraction if holdout == "only" else 1.0 - holdout_fraction
-    examples = files * share
+    examples = in_files * share
     width = packed.itemsize(manifest.feature_dtype)
     labels_per_example = sum(info.label_counts) / max(1, info.num_examples)
     per_example = 8 + 4 * labels_per_example
@@ -105,8 +106,6 @@ def estimate_bytes(data_dir: str, split: str, input_context: tf.distribute.Input
 
 
 def _file_bytes(data_dir: str, info: mf.SplitInfo) -> int:
-    import os
-
     return sum(os.path.getsize(os.path.join(data_dir, s)) for s in info.shards)
 
 
@@ -212,8 +211,14 @@ def make_memory_dataset(data: InMemoryData, batch_size: int, seed: int = 0, epoc
     feature_dtype = tf.as_dtype(feature_dtype) if stored_dtype else tf.float32
 
     def epoch_batches(e):
+        # The epoch's batches as rows of an index matrix (slicing them needs no function call per batch), and
+        # the last partial batch unless dropped.
         order = epoch_permutation(seed, e, n) if shuffle else tf.range(n, dtype=tf.int64)
-        return tf.data.Dataset.range(steps).map(_graph(lambda j: batch_indices(order, j, batch_size)))
+        full = n // batch_size
+        ds = tf.data.Dataset.from_tensor_slices(tf.reshape(order[:full * batch_size], [full, batch_size]))
+        if drop_remainder or n % batch_size == 0:
+            return ds
+        return ds.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size:]))
 
     last = epoch + 1 if not repeat else np.iinfo(np.int64).max
     indices = tf.data.Dataset.range(epoch, last).flat_map(_graph(epoch_batches)).skip(skip_batches)

@@ -137,11 +137,10 @@ def make_dataset(data_dir: str, split: str, batch_size: int,
         raise ValueError(f"{data_dir}: sparse_output needs sparse features (encoding is {manifest.feature_encoding})")
     if opts.on_bad_features == "skip" and opts.sparse_output:
         raise ValueError("on_bad_features='skip' drops rows of dense features only; not with sparse_output")
-    compact = compact_batches(data_dir, split, batch_size, input_context, opts, epoch, skip_batches, manifest)
     feature_dtype = manifest.feature_dtype if opts.stored_dtype else "float32"
     to_batch = _batch_function(rows_lib.Layout.of(manifest), opts.sparse_output, feature_dtype,
                                opts.on_bad_features != "skip")
-    ds = compact.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
+    ds = compact_batches(data_dir, split, batch_size, input_context, opts, epoch, skip_batches, manifest, to_batch)
     if opts.on_bad_features == "skip":
         ds = _drop_non_finite(ds, batch_size, opts.drop_remainder, bad_feature_counter)
     if opts.cache:
@@ -175,9 +174,11 @@ def _batch_function(layout: rows_lib.Layout, sparse_output: bool, feature_dtype:
 
 def compact_batches(data_dir: str, split: str, batch_size: int, input_context=None,
                     options: ReaderOptions | None = None, epoch: int = 0, skip_batches: int = 0,
-                    manifest: mf.Manifest | None = None) -> tf.data.Dataset:
-    """The batches of make_dataset before their last step: compact rows (data_pipeline/rows.py), with the
-    labels (and sparse features) still in CSR form. Used by make_dataset and the in-memory loader."""
+                    manifest: mf.Manifest | None = None, finish=None) -> tf.data.Dataset:
+    """The batches of make_dataset before their last step, ``finish``: compact rows (data_pipeline/rows.py),
+    with the labels (and sparse features) still in CSR form, or ``finish(rows)``. The in-memory loader takes
+    compact rows; make_dataset's finish makes (features, labels) in the same tf.data stage (every stage costs
+    per batch)."""
     opts = options or ReaderOptions()
     manifest = manifest or mf.read_manifest(data_dir)
     files = split_files(data_dir, split, manifest)
@@ -196,13 +197,18 @@ def compact_batches(data_dir: str, split: str, batch_size: int, input_context=No
         ds = ds.shard(num_pipelines, pipeline_id)
     if not manifest.packed:
         return _example_batches(ds, len(files), manifest, batch_size, opts, seed, skip_batches,
-                                (num_pipelines, pipeline_id) if shard_records else (1, 0))
+                                (num_pipelines, pipeline_id) if shard_records else (1, 0), finish or _identity)
     selection = rows_lib.RowSelection(opts.holdout_fraction, opts.holdout == "only",
                                       *((num_pipelines, pipeline_id) if shard_records else (1, 0)))
-    return _packed_batches(ds, len(files), manifest, batch_size, opts, seed, skip_batches, selection)
+    return _packed_batches(ds, len(files), manifest, batch_size, opts, seed, skip_batches, selection,
+                           finish or _identity)
 
 
-def _example_batches(files, num_files, manifest, batch_size, opts, seed, skip_batches, record_shard):
+def _identity(rows):
+    return rows
+
+
+def _example_batches(files, num_files, manifest, batch_size, opts, seed, skip_batches, record_shard, finish):
     """Compact rows of a one-example-per-record dataset (see the module docstring)."""
     shard_records = record_shard[0] > 1
     if opts.shuffle:
@@ -232,11 +238,11 @@ def _example_batches(files, num_files, manifest, batch_size, opts, seed, skip_ba
     ds = ds.rebatch(batch_size, drop_remainder=opts.drop_remainder)
     if skip_batches:
         ds = ds.skip(skip_batches)
-    return ds.map(_graph(lambda raw: rows_lib.parse_examples(raw, manifest)), num_parallel_calls=tf.data.AUTOTUNE,
+    return ds.map(_graph(lambda raw: finish(rows_lib.parse_examples(raw, manifest))), num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=opts.deterministic)
 
 
-def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_batches, selection):
+def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_batches, selection, finish):
     """Compact rows of a packed dataset, batch_size rows each (see the module docstring)."""
     if opts.shuffle:
         files = files.shuffle(num_files, seed=seed, reshuffle_each_iteration=True)
@@ -261,13 +267,14 @@ def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_bat
     # Elements from here: (group index, [k] block records, rows to drop). The index seeds the group's row
     # order, so a resumed run orders every group as the uninterrupted run did.
     ds = ds.enumerate()
+    seed = tf.constant(seed, tf.int64)
     if skip_batches:
         ds = _skip_rows(ds, skip_batches * batch_size, lambda records: ops.count(records, params))
-    else:
-        ds = ds.map(_graph(lambda i, records: (i, records, tf.constant(0, tf.int64))))
-    seed = tf.constant(seed, tf.int64)
-    ds = ds.map(_graph(lambda i, records, drop: (ops.decode(records, tf.stack([seed, i]), drop, params), False)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
+
+    def decode(index, records, drop=0):  # drop: rows of the group before the resume point
+        return ops.decode(records, tf.stack([seed, index]), tf.cast(drop, tf.int64), params), False
+
+    ds = ds.map(_graph(decode), num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic)
     if not opts.repeat:
         # An empty group marked last closes a finite pass, so that the batch cutting emits the final partial
         # batch. Appended after the parallel decode, it comes last whatever order the decode yields.
@@ -279,7 +286,7 @@ def _packed_batches(files, num_files, manifest, batch_size, opts, seed, skip_bat
     # (zip with a range, not enumerate(): enumerate adds a graph rewrite to every group's inner dataset)
     ds = ds.flat_map(_graph(lambda leftover, group, r, count: tf.data.Dataset.zip(
         tf.data.Dataset.range(count), tf.data.Dataset.from_tensors((leftover, group, r)).repeat(count))))
-    return ds.map(_graph(lambda j, element: ops.one_batch(*element, j)), num_parallel_calls=tf.data.AUTOTUNE,
+    return ds.map(_graph(lambda j, element: finish(ops.one_batch(*element, j))), num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=opts.deterministic)
 
 

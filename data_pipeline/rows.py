@@ -134,7 +134,7 @@ def decode_group(records: tf.Tensor, layout: Layout, selection: tf.Tensor | None
         if dtype != tf.float32:
             # One decode_raw for the group; it fails unless every block holds block_size rows.
             ok.append(tf.reduce_all(_length(x) == block_size * num_features * width))
-            x = tf.bitcast(tf.io.decode_raw(x, tf.uint16), dtype)  # no 16-bit float decode kernel; no copy
+            x = tf.bitcast(tf.io.decode_raw(x, tf.uint16), dtype)  # one path for both 16-bit floats; no copy
         group["x"] = tf.reshape(x, [-1, num_features])  # block b's row r is row b * block_size + r
         group["xr"] = tf.cast(block_of_row, tf.int64) * block_size + r
     with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(tf.stack(ok)), ["bad packed block record"])]):

@@ -19,7 +19,8 @@ import tensorflow as tf
 from data_pipeline import cli
 from data_pipeline import manifest as mf
 from data_pipeline import packed, validate
-from data_pipeline.converters import split_names
+from data_pipeline.converters import ConvertOptions, split_names
+from data_pipeline.converters import convert as convert_files
 from data_pipeline.errors import DataError
 from data_pipeline.reader import ReaderOptions, make_dataset
 
@@ -145,7 +146,8 @@ def test_libsvm_round_trip_with_xmc_header_and_empty_labels(tmp_path):
     convert("--format", "libsvm", "--input", tmp_path / "train.txt", "--out", tmp_path / "a", "--shards", 3)
     convert("--format", "libsvm", "--input", tmp_path / "classic.svm", "--index-base", 1,
             "--num-features", f, "--num-labels", l, "--encoding", "dense", "--out", tmp_path / "b")
-    for out, encoding in (("a", mf.PACKED_SPARSE), ("b", mf.PACKED_DENSE)):
+    convert("--format", "libsvm", "--input", tmp_path / "train.txt", "--layout", "example", "--out", tmp_path / "c")
+    for out, encoding in (("a", mf.PACKED_SPARSE), ("b", mf.PACKED_DENSE), ("c", mf.SPARSE)):
         m = mf.read_manifest(str(tmp_path / out))
         assert (m.num_features, m.num_labels, m.feature_encoding) == (f, l, encoding)
         x, y = read_all(tmp_path / out, "train", batch_size=16)
@@ -215,6 +217,20 @@ def test_npz_round_trip_dense_and_csr_labels(tmp_path):
         xr, yr = read_all(tmp_path / "o", split)
         np.testing.assert_array_equal(xr, x[sl])
         np.testing.assert_array_equal(yr, y[sl])
+
+
+def test_convert_takes_typed_options_without_the_command_line(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.savez(tmp_path / "a.npz", x=x, y=np.eye(4, 2, dtype=np.int8))
+    m = convert_files(ConvertOptions(format="npz", inputs=(str(tmp_path / "a.npz"),), out=str(tmp_path / "o"),
+                                     feature_dtype="bfloat16", block_size=2))
+    assert (m.feature_encoding, m.feature_dtype, m.block_size) == (mf.PACKED_DENSE, "bfloat16", 2)
+    assert m.splits["train"].shard_lengths == [2, 2]
+    xr, yr = read_all(tmp_path / "o", "train")
+    np.testing.assert_array_equal(xr, x)  # small integers are exact in bfloat16
+    np.testing.assert_array_equal(yr, np.eye(4, 2))
+    with pytest.raises(DataError, match="already exists"):
+        convert_files(ConvertOptions(format="npz", inputs=(str(tmp_path / "a.npz"),), out=str(tmp_path / "o")))
 
 
 def test_libsvm_conversion_streams(tmp_path):
