@@ -10,8 +10,9 @@ Order: epoch ``e`` visits the examples in the order ``epoch_permutation(seed, e,
 epoch is rows ``j*B:(j+1)*B`` of it. Every example comes exactly once per epoch (with ``drop_remainder``,
 the last ``N mod B`` of the permutation are left out of that epoch), every epoch has its own order, the same
 seed gives the same order, and a run resumed at (epoch, batch) sees exactly the batches the uninterrupted
-run would have. ``epoch_permutation``, ``batch_indices`` and ``gather_rows`` are plain TensorFlow ops, so the
-same selection runs inside a ``tf.function`` on arrays held on an accelerator.
+run would have. ``epoch_permutation``, ``batch_indices`` and ``gather_rows`` are plain TensorFlow functions of
+(seed, epoch, step), so the same selection can run inside a ``tf.function`` where the arrays are (an
+accelerator's memory, for ops with a kernel there).
 """
 
 from __future__ import annotations
