@@ -115,6 +115,16 @@ class Manifest:
     def sparse(self) -> bool:
         return self.feature_encoding in SPARSE_ENCODINGS
 
+    def shard_records(self, num_examples: int) -> int:
+        """TFRecord records of a shard holding ``num_examples`` examples (packed: full blocks, the last may be
+        short)."""
+        return -(-num_examples // self.block_size) if self.packed else num_examples
+
+    def describe_records(self, num_examples: int) -> str:
+        """``"N"`` records of a shard of ``num_examples`` examples, with the blocks when packed (for errors)."""
+        records = self.shard_records(num_examples)
+        return f"{records} ({num_examples} examples in blocks of {self.block_size})" if self.packed else f"{records}"
+
     def split(self, name: str, directory: str = "") -> SplitInfo:
         """Returns the split ``name``, with an error naming the directory when it is absent."""
         if name not in self.splits:

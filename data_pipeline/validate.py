@@ -102,8 +102,8 @@ def iter_split_records(data_dir: str, split: str, manifest: mf.Manifest):
             # Keep TensorFlow's reason ("corrupted record at 500"), not its function and op decoration.
             reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", reason) or type(e).__name__
             raise DataError(f"{path} record {n}: truncated or corrupted TFRecord ({reason})") from None
-        if n != expected and not manifest.packed:
-            raise DataError(f"{path}: {n} records but the manifest says {expected}")
+        if n != manifest.shard_records(expected):
+            raise DataError(f"{path}: {n} records but the manifest says {manifest.describe_records(expected)}")
 
 
 def iter_split_examples(data_dir: str, split: str, manifest: mf.Manifest | None = None):

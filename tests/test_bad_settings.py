@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import train_in_process
+from conftest import TINY_DATA, train_in_process
 from data_pipeline import cli as data_cli
 from data_pipeline import manifest as mf
 from data_pipeline.errors import DataError
@@ -97,12 +97,15 @@ def test_model_dir_that_is_a_file(tiny_data, tmp_path, capsys):
 def test_manifest_count_disagreeing_with_a_shard(copied_data, tmp_path, capsys):
     path = copied_data / mf.MANIFEST_NAME
     raw = json.loads(path.read_text())
-    raw["splits"]["train"]["shard_lengths"][2] += 1
+    block = raw["block_size"]  # the tiny data is packed: the manifest's examples fix the number of block records
+    raw["splits"]["train"]["shard_lengths"][2] += block
     path.write_text(json.dumps(raw))
     shard = copied_data / raw["splits"]["train"]["shards"][2]
-    n = raw["splits"]["train"]["shard_lengths"][2] - 1
+    examples = raw["splits"]["train"]["shard_lengths"][2]
+    blocks = -(-examples // block)
     line = fails(capsys, cli.main, train_argv(copied_data, tmp_path / "m"))
-    assert line == f"error: {shard}: {n} records but the manifest says {n + 1}"
+    assert line == (f"error: {shard}: {blocks - 1} records but the manifest says {blocks} "
+                    f"({examples} examples in blocks of {block})")
     assert not (tmp_path / "m").exists()
 
 
@@ -110,7 +113,8 @@ def test_truncated_shard_is_found_before_training(copied_data, tmp_path, capsys)
     shard = copied_data / mf.shard_name("eval", 0, 1)
     size = shard.stat().st_size
     os.truncate(shard, size - 30)
-    n = mf.read_manifest(str(copied_data)).split("eval").num_examples
+    m = mf.read_manifest(str(copied_data))
+    n = m.shard_records(m.split("eval").num_examples)
     line = fails(capsys, cli.main, train_argv(copied_data, tmp_path / "m"))
     assert line == f"error: {shard} record {n - 1}: truncated TFRecord (the file ends inside the record)"
 
@@ -118,13 +122,14 @@ def test_truncated_shard_is_found_before_training(copied_data, tmp_path, capsys)
 def test_shards_beyond_the_counting_budget_are_checked_by_size(copied_data):
     m = mf.read_manifest(str(copied_data))
     preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)  # sizes fit the counts
-    m.splits["train"].shard_lengths[1] = 10 ** 6
+    m.splits["train"].shard_lengths[1] = 10 ** 7
     shard = copied_data / m.splits["train"].shards[1]
-    with pytest.raises(DataError, match=f"{shard}: {shard.stat().st_size} bytes cannot hold the 1000000 records"):
+    with pytest.raises(DataError, match=f"{shard}: {shard.stat().st_size} bytes cannot hold the records the "
+                                        f"manifest says: 39063 \\(10000000 examples"):
         preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)
-    m.splits["train"].shard_lengths[1] = 601
+    m.splits["train"].shard_lengths[1] = 600 + m.block_size
     preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)  # what a size cannot tell
-    with pytest.raises(DataError, match="600 records but the manifest says 601"):
+    with pytest.raises(DataError, match=f"3 records but the manifest says 4 \\(856 examples in blocks of 256\\)"):
         preflight.check_shards(str(copied_data), "train", m)
 
 
@@ -159,7 +164,9 @@ def test_damaged_run_info_is_named(trained_run, tiny_data, tmp_path, capsys):
 
 # --- predict ------------------------------------------------------------------------------------------------------
 
-def test_predict_on_a_bad_dataset_names_the_file_and_record(trained_run, copied_data, tmp_path, capsys):
+def test_predict_on_a_bad_dataset_names_the_file_and_record(trained_run, tmp_path, capsys):
+    copied_data = tmp_path / "data"  # one example per record, so one record can be replaced
+    generate(str(copied_data), **TINY_DATA, layout="example")
     m = mf.read_manifest(str(copied_data))
     shard = copied_data / m.split("eval").shards[0]
     records = list(tf.data.TFRecordDataset(str(shard)).as_numpy_iterator())

@@ -113,7 +113,8 @@ def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes:
     """
     info = manifest.split(split, data_dir)
     walked = 0
-    for shard, expected in reversed(list(zip(info.shards, info.shard_lengths))):
+    for shard, examples in reversed(list(zip(info.shards, info.shard_lengths))):
+        expected = manifest.shard_records(examples)
         path = os.path.join(data_dir, shard)
         if not os.path.isfile(path):
             raise DataError(f"{path}: shard listed in {os.path.join(data_dir, mf.MANIFEST_NAME)} is missing")
@@ -121,12 +122,13 @@ def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes:
         if manifest.compression or walked + size > budget_bytes:
             minimum = (1 if expected else 0) if manifest.compression else _FRAMING * expected
             if size < minimum:
-                raise DataError(f"{path}: {size} bytes cannot hold the {expected} records the manifest says")
+                raise DataError(f"{path}: {size} bytes cannot hold the records the manifest says: "
+                                f"{manifest.describe_records(examples)}")
             continue
         walked += size
         count = count_records(path)
         if count != expected:
-            raise DataError(f"{path}: {count} records but the manifest says {expected}")
+            raise DataError(f"{path}: {count} records but the manifest says {manifest.describe_records(examples)}")
 
 
 def count_records(path: str) -> int:
