@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split-eval", type=float, default=0.0, help="fraction written to an 'eval' split")
     g.add_argument("--workers", type=int, default=None, help="writer processes (default: CPU count)")
+    _storage_flags(g)
     g.add_argument("--overwrite", action="store_true")
 
     c = sub.add_parser("convert", help="convert ARFF / LIBSVM / CSV / NPZ files into a dataset")
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--label-names", default=None, help="file with one label name per line")
     c.add_argument("--encoding", choices=["dense", "sparse"], default=None,
                    help="feature storage (default: sparse for sparse inputs, dense otherwise)")
+    _storage_flags(c)
     c.add_argument("--on-bad-features", choices=["fail", "skip"], default="fail")
     c.add_argument("--overwrite", action="store_true")
 
@@ -61,13 +63,38 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     """Rejects generate flags that cannot describe a dataset, naming the flag (argparse only checks types)."""
     for flag, value, low in (("--examples", args.examples, 1), ("--features", args.features, 1),
                              ("--labels", args.labels, 1), ("--shards", args.shards, 1), ("--seed", args.seed, 0),
-                             ("--workers", args.workers, 1)):
+                             ("--workers", args.workers, 1), ("--block-size", args.block_size, 1)):
         if value is not None and value < low:
             raise DataError(f"{flag}: must be >= {low} (got {value})")
     if not 0.0 <= args.split_eval < 1.0:
         raise DataError(f"--split-eval: must be in [0, 1) (got {args.split_eval})")
     if args.examples - int(round(args.examples * args.split_eval)) < 1:
         raise DataError(f"--split-eval {args.split_eval}: leaves no training example of --examples {args.examples}")
+
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    from data_pipeline import manifest as mf
+
+    p.add_argument("--layout", choices=["packed", "example"], default="packed",
+                   help="packed: one record holds a block of examples (fast to read; default); example: one "
+                        "example per record (the layout of earlier versions)")
+    p.add_argument("--feature-dtype", choices=list(mf.FEATURE_DTYPES), default="float32",
+                   help="packed layout: stored feature dtype (float16 / bfloat16: half the bytes)")
+    p.add_argument("--block-size", type=int, default=mf.DEFAULT_BLOCK_SIZE,
+                   help="packed layout: examples per record")
+
+
+def convert_options(args: argparse.Namespace):
+    """The ConvertOptions of parsed ``convert`` arguments."""
+    from data_pipeline.converters import ConvertOptions
+
+    return ConvertOptions(
+        format=args.format, inputs=tuple(args.input), out=args.out,
+        splits=tuple(args.splits) if args.splits is not None else None, shards=args.shards, layout=args.layout,
+        encoding=args.encoding, feature_dtype=args.feature_dtype, block_size=args.block_size,
+        on_bad_features=args.on_bad_features, overwrite=args.overwrite, label_names=args.label_names,
+        labels_xml=args.labels_xml, label_columns=args.label_columns, num_labels=args.num_labels,
+        num_features=args.num_features, index_base=args.index_base)
 
 
 def run_inspect(directory: str, allow_non_finite: bool, top: int) -> None:
@@ -78,7 +105,8 @@ def run_inspect(directory: str, allow_non_finite: bool, top: int) -> None:
     from data_pipeline import validate
 
     m = mf.read_manifest(directory)
-    print(f"{directory}: {m.num_features} features ({m.feature_encoding}), {m.num_labels} labels")
+    storage = f", {m.feature_dtype}, blocks of {m.block_size}" if m.packed else ""
+    print(f"{directory}: {m.num_features} features ({m.feature_encoding}{storage}), {m.num_labels} labels")
     for split in sorted(m.splits):
         s = validate.inspect_split(directory, split, m, allow_non_finite=allow_non_finite)
         order = np.argsort(-s.label_counts, kind="stable")
@@ -101,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
             check_generate_flags(args)
             m = generate(args.out, args.examples, args.features, args.labels, args.shards, args.seed,
-                         args.split_eval, overwrite=args.overwrite, workers=args.workers)
+                         args.split_eval, overwrite=args.overwrite, workers=args.workers, layout=args.layout,
+                         feature_dtype=args.feature_dtype, block_size=args.block_size)
             print(f"wrote {args.out}: " + ", ".join(f"{k} {v.num_examples} examples in {len(v.shards)} shards"
                                                     for k, v in m.splits.items()))
         elif args.command == "convert":
             from data_pipeline.converters import convert
 
-            m = convert(args)
+            m = convert(convert_options(args))
             print(f"wrote {args.out}: {m.num_features} features, {m.num_labels} labels; " + ", ".join(
                 f"{k} {v.num_examples} examples in {len(v.shards)} shards" for k, v in m.splits.items()))
         else:

@@ -3,9 +3,9 @@
 Labels depend on the features through a hidden two-layer function (a linear part plus a ReLU part), so an
 MLP can learn them but a constant predictor cannot. Label frequencies follow a long tail: label ``l`` is
 positive for roughly ``head_rate / (l + 1) ** tail_exponent`` of the examples (never below a few examples),
-as in real tag, diagnosis and product-attribute data. Shards are generated in parallel processes, each in
-fixed-size chunks (bounded memory), from a seed derived from (seed, split, shard), so the output is the
-same for a seed whatever the number of processes.
+as in real tag, diagnosis and product-attribute data. Shards are generated in parallel processes, in
+fixed-size chunks (bounded memory), each chunk from a seed derived from (seed, split, chunk), so an example is
+the same for a seed whatever the number of processes, shards or the layout.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import os
 
 import numpy as np
 
+from data_pipeline import manifest as mf
 from data_pipeline.writer import DatasetWriter, ShardWriter
 
-_CHUNK = 2048  # Rows generated at once: bounds memory to a few MB per process.
+_CHUNK = 2048  # Examples generated at once (bounds memory to a few MB per process); each chunk has its own seed.
 _CALIBRATION_ROWS = 20000
 
 
@@ -61,24 +62,44 @@ def make_hidden_function(num_features: int, num_labels: int, num_examples: int, 
     return f
 
 
-def _write_shard(path: str, fn: HiddenFunction, num_rows: int, seed_key: list[int]) -> tuple[int, list[int]]:
-    """Generates and writes one shard (runs in a worker process). Returns (examples, label counts)."""
-    rng = np.random.default_rng(seed_key)
+@dataclasses.dataclass
+class ShardSpec:
+    """What a worker process needs to write one shard: examples ``start:stop`` of split ``split_index``."""
+
+    path: str
+    seed: int
+    split_index: int
+    start: int
+    stop: int
+    encoding: str
+    feature_dtype: str
+    block_size: int
+
+
+def chunk_examples(fn: HiddenFunction, seed: int, split_index: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples ``chunk * _CHUNK`` to ``(chunk + 1) * _CHUNK`` of a split: (features [_CHUNK, F] float32, labels
+    [_CHUNK, L] bool). Each chunk has its own random stream, so an example does not depend on the sharding."""
+    rng = np.random.default_rng([seed, split_index, chunk])
     num_features, num_labels = fn.w_linear.shape
-    w = ShardWriter(path, num_features, num_labels)
+    x = rng.normal(size=(_CHUNK, num_features)).astype(np.float32)
+    z = fn.logits(x) + fn.noise * rng.normal(size=(_CHUNK, num_labels))
+    return x, z > fn.thresholds
+
+
+def _write_shard(spec: ShardSpec, fn: HiddenFunction) -> tuple[int, list[int], int]:
+    """Generates and writes one shard (runs in a worker process). Returns (examples, label counts, values)."""
+    num_features, num_labels = fn.w_linear.shape
+    w = ShardWriter(spec.path, num_features, num_labels, spec.encoding, feature_dtype=spec.feature_dtype,
+                    block_size=spec.block_size, first_id=spec.start)
     try:
-        done = 0
-        while done < num_rows:
-            n = min(_CHUNK, num_rows - done)
-            x = rng.normal(size=(n, num_features)).astype(np.float32)
-            z = fn.logits(x) + fn.noise * rng.normal(size=(n, num_labels))
-            pos = z > fn.thresholds
-            for i in range(n):
-                w.write(x[i], np.flatnonzero(pos[i]), where=f"{path} record {done + i}")
-            done += n
+        for chunk in range(spec.start // _CHUNK, -(-spec.stop // _CHUNK)):
+            x, pos = chunk_examples(fn, spec.seed, spec.split_index, chunk)
+            for i in range(max(spec.start, chunk * _CHUNK), min(spec.stop, (chunk + 1) * _CHUNK)):
+                j = i - chunk * _CHUNK
+                w.write(x[j], np.flatnonzero(pos[j]), where=f"{spec.path} example {i}")
     finally:
         w.close()
-    return w.num_examples, w.label_counts.tolist()
+    return w.num_examples, w.label_counts.tolist(), w.feature_values
 
 
 class _InProcessPool(cf.Executor):
@@ -91,7 +112,8 @@ class _InProcessPool(cf.Executor):
 
 
 def generate(out_dir: str, num_examples: int, num_features: int, num_labels: int, num_shards: int,
-             seed: int, split_eval: float = 0.0, overwrite: bool = False, workers: int | None = None):
+             seed: int, split_eval: float = 0.0, overwrite: bool = False, workers: int | None = None,
+             layout: str = "packed", feature_dtype: str = "float32", block_size: int = mf.DEFAULT_BLOCK_SIZE):
     """Writes a synthetic dataset directory.
 
     Args:
@@ -99,10 +121,13 @@ def generate(out_dir: str, num_examples: int, num_features: int, num_labels: int
       num_examples: total examples (train + eval).
       num_features, num_labels: shape of the data.
       num_shards: shards of the train split; the eval split gets a proportional number (at least 1).
-      seed: decides everything written.
+      seed: decides every example written (the same examples whatever the layout).
       split_eval: fraction of the examples written to an "eval" split drawn from the same distribution.
       overwrite: replace an existing out_dir.
       workers: processes writing shards (default: CPU count).
+      layout: "packed" (blocks of examples per record) or "example" (one example per record).
+      feature_dtype: packed layout: stored feature dtype ("float32", "float16", "bfloat16").
+      block_size: packed layout: examples per block record.
 
     Returns:
       The Manifest written.
@@ -117,22 +142,25 @@ def generate(out_dir: str, num_examples: int, num_features: int, num_labels: int
     # Small datasets are written in this process: starting worker processes (each imports TensorFlow)
     # costs more than it saves below a few tens of thousands of examples.
     workers = workers or (1 if num_examples < 50000 else os.cpu_count() or 1)
-    with DatasetWriter(out_dir, num_features, num_labels, overwrite=overwrite,
-                       source=f"synthetic seed={seed}") as writer:
+    with DatasetWriter(out_dir, num_features, num_labels, encoding=mf.encoding_for(layout, sparse=False),
+                       overwrite=overwrite, source=f"synthetic seed={seed}", feature_dtype=feature_dtype,
+                       block_size=block_size) as writer:
+        m = writer.manifest
         # spawn, not fork: forking a process that has TensorFlow loaded can deadlock.
         ctx = multiprocessing.get_context("spawn")
         with (cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1
               else _InProcessPool()) as pool:
             futures = {}
             for split_index, (split, n, shards) in enumerate(plan):
-                shards = max(1, min(shards, n))
-                bounds = np.linspace(0, n, shards + 1).round().astype(int)
+                bounds = writer.shard_bounds(n, shards)
+                shards = len(bounds) - 1
                 futures[split] = [
-                    pool.submit(_write_shard, writer.shard_path(split, s, shards), fn,
-                                int(bounds[s + 1] - bounds[s]), [seed, split_index, s])
+                    pool.submit(_write_shard, ShardSpec(writer.shard_path(split, s, shards), seed, split_index,
+                                                        int(bounds[s]), int(bounds[s + 1]), m.feature_encoding,
+                                                        m.feature_dtype, m.block_size), fn)
                     for s in range(shards)]
             for split, fs in futures.items():
                 results = [f.result() for f in fs]
-                writer.add_split(split, [r[0] for r in results],
-                                 np.sum([r[1] for r in results], axis=0))
+                writer.add_split(split, [r[0] for r in results], np.sum([r[1] for r in results], axis=0),
+                                 feature_values=sum(r[2] for r in results))
     return writer.manifest

@@ -2,13 +2,15 @@
 
 A dataset is a directory of TFRecord shards named ``<split>-NNNNN-of-MMMMM.tfrecord`` plus one
 ``manifest.json`` describing them. Everything a reader or a trainer needs to know without opening a shard
-lives here: feature and label counts, label names, the feature encoding, examples per shard and per-label
-positive counts (for ``pos_weight`` and head/torso/tail buckets).
+lives here: feature and label counts, label names, the feature encoding (with, for packed encodings, the stored
+feature dtype and the block size), examples per shard and per-label positive counts (for ``pos_weight`` and
+head/torso/tail buckets).
 
 We keep our own JSON manifest rather than tensorflow-datasets metadata because TFDS dictates its own file
 naming and per-feature serialization, and carries no per-label positive counts. The records themselves are
 plain ``tf.train.Example`` protos that any TensorFlow tool can parse (``tf.io.parse_example`` with the
-FixedLenFeature/VarLenFeature specs the encodings below name).
+FixedLenFeature/VarLenFeature specs the encodings below name); in the packed encodings one proto holds a
+block of examples (data_pipeline/packed.py).
 """
 
 from __future__ import annotations
@@ -31,14 +33,36 @@ DENSE = "dense_float32_list"
 # feature "x": one bytes value, F little-endian float32s; written by earlier versions, still read.
 DENSE_BYTES = "dense_float32_bytes"
 SPARSE = "sparse_index_value"  # features "xi" (int64 list) and "xv" (float list), densified at read time.
-ENCODINGS = (DENSE, DENSE_BYTES, SPARSE)
+# Packed encodings: one record holds a block of up to ``block_size`` examples (data_pipeline/packed.py), the
+# features stored as ``feature_dtype``. The reader's work per example is then a few memory copies.
+PACKED_DENSE = "packed_dense"  # "x": the block's [n, F] features as one little-endian array.
+PACKED_SPARSE = "packed_sparse"  # "xi", "xv", "xp": the block's features in CSR form.
+ENCODINGS = (DENSE, DENSE_BYTES, SPARSE, PACKED_DENSE, PACKED_SPARSE)
 DENSE_ENCODINGS = (DENSE, DENSE_BYTES)
+PACKED_ENCODINGS = (PACKED_DENSE, PACKED_SPARSE)
+SPARSE_ENCODINGS = (SPARSE, PACKED_SPARSE)
+FEATURE_DTYPES = ("float32", "float16", "bfloat16")  # stored feature dtypes of the packed encodings
+DEFAULT_BLOCK_SIZE = 256
 
 # Record keys, shared by the writer, the reader and inspect.
 KEY_DENSE = "x"
 KEY_SPARSE_INDEX = "xi"
 KEY_SPARSE_VALUE = "xv"
 KEY_LABELS = "y"  # int64 list of positive label indices.
+# Keys of a packed block record (see data_pipeline/packed.py).
+KEY_BLOCK_ROWS = "n"  # int64: examples in the block.
+KEY_BLOCK_ID = "id"  # int64: id of the block's first example; example r of the block has id + r.
+KEY_SPARSE_OFFSETS = "xp"  # CSR row offsets of the sparse features (n + 1 values).
+KEY_LABEL_OFFSETS = "yp"  # CSR row offsets of the labels (n + 1 values).
+
+
+def encoding_for(layout: str, sparse: bool) -> str:
+    """The encoding of a layout ("packed" or "example": one example per record) and feature storage."""
+    if layout == "packed":
+        return PACKED_SPARSE if sparse else PACKED_DENSE
+    if layout == "example":
+        return SPARSE if sparse else DENSE
+    raise ValueError(f"unknown layout '{layout}' (packed or example)")
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -54,11 +78,14 @@ class SplitInfo:
       shards: file names, relative to the dataset directory, in dataset order.
       shard_lengths: number of examples in each shard.
       label_counts: positives per label over the split.
+      feature_values: stored feature values over the split (non-zeros of a sparse encoding; 0 where unknown,
+        in datasets written before it was recorded). Sizes the in-memory copy before it is read.
     """
 
     shards: list[str]
     shard_lengths: list[int]
     label_counts: list[int]
+    feature_values: int = 0
 
     @property
     def num_examples(self) -> int:
@@ -77,6 +104,16 @@ class Manifest:
     compression: str = ""  # "" or "GZIP"
     source: str = ""
     format_version: int = FORMAT_VERSION
+    feature_dtype: str = "float32"  # stored dtype of the features (packed encodings: also float16, bfloat16)
+    block_size: int = 0  # packed encodings: examples per block record (the last block of a shard may hold fewer)
+
+    @property
+    def packed(self) -> bool:
+        return self.feature_encoding in PACKED_ENCODINGS
+
+    @property
+    def sparse(self) -> bool:
+        return self.feature_encoding in SPARSE_ENCODINGS
 
     def split(self, name: str, directory: str = "") -> SplitInfo:
         """Returns the split ``name``, with an error naming the directory when it is absent."""
@@ -98,6 +135,11 @@ class Manifest:
             raise DataError(f"{path}: unknown feature_encoding '{self.feature_encoding}'")
         if self.num_features <= 0 or self.num_labels <= 0:
             raise DataError(f"{path}: num_features and num_labels must be positive")
+        if self.feature_dtype not in FEATURE_DTYPES or (self.feature_dtype != "float32" and not self.packed):
+            raise DataError(f"{path}: feature_dtype '{self.feature_dtype}' is not stored by encoding "
+                            f"'{self.feature_encoding}'")
+        if self.packed and self.block_size <= 0:
+            raise DataError(f"{path}: encoding '{self.feature_encoding}' needs a positive block_size")
         if len(self.label_names) != self.num_labels:
             raise DataError(f"{path}: {len(self.label_names)} label names for {self.num_labels} labels")
         if not self.splits:
@@ -143,14 +185,16 @@ def read_manifest(directory: str) -> Manifest:
             raw = json.load(f)
         splits = {
             name: SplitInfo(shards=list(s["shards"]), shard_lengths=[int(n) for n in s["shard_lengths"]],
-                            label_counts=[int(c) for c in s["label_counts"]])
+                            label_counts=[int(c) for c in s["label_counts"]],
+                            feature_values=int(s.get("feature_values", 0)))
             for name, s in raw["splits"].items()
         }
         manifest = Manifest(
             num_features=int(raw["num_features"]), num_labels=int(raw["num_labels"]),
             label_names=[str(n) for n in raw["label_names"]], feature_encoding=raw["feature_encoding"],
             splits=splits, compression=raw.get("compression", ""), source=raw.get("source", ""),
-            format_version=int(raw.get("format_version", FORMAT_VERSION)))
+            format_version=int(raw.get("format_version", FORMAT_VERSION)),
+            feature_dtype=raw.get("feature_dtype", "float32"), block_size=int(raw.get("block_size", 0)))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     manifest.validate(path)

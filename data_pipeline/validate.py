@@ -1,8 +1,9 @@
 """Record-by-record validation of a dataset directory: ``inspect`` and locating a bad record.
 
-The fast reader parses whole batches, so when TensorFlow rejects a batch it cannot say which file and
-record was at fault. This module reads records one at a time, in Python, and names the first bad one; the
-trainer calls it to turn a bare TensorFlow error into a one-line message.
+The fast reader parses whole batches (packed: whole groups of blocks), so when TensorFlow rejects a batch it
+cannot say which file and record was at fault. This module reads records one at a time, in Python, and names
+the first bad one (packed: and the example inside the block); the trainer calls it to turn a bare TensorFlow
+error into a one-line message.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipeline import manifest as mf
+from data_pipeline import packed
 from data_pipeline.errors import DataError
 
 
@@ -29,11 +31,11 @@ class SplitStats:
     non_finite_records: int
 
 
-def check_record(raw: bytes, manifest: mf.Manifest) -> tuple[np.ndarray, int]:
-    """Parses and checks one serialized record.
+def check_record(raw: bytes, manifest: mf.Manifest) -> tuple[np.ndarray, int, np.ndarray]:
+    """Parses and checks one serialized one-example record.
 
     Returns:
-      (label indices, 1 if its features hold NaN/Inf else 0).
+      (label indices, 1 if its features hold NaN/Inf else 0, the features as a dense float32 [1, F] array).
 
     Raises:
       ValueError: with what is wrong (the caller adds file and record).
@@ -52,12 +54,14 @@ def check_record(raw: bytes, manifest: mf.Manifest) -> tuple[np.ndarray, int]:
             raise ValueError(f"{x.size} features, expected {manifest.num_features}")
     else:
         idx = np.asarray(feats[mf.KEY_SPARSE_INDEX].int64_list.value, np.int64)
-        x = np.asarray(feats[mf.KEY_SPARSE_VALUE].float_list.value, np.float32)
-        if idx.size != x.size:
-            raise ValueError(f"{idx.size} feature indices but {x.size} values")
+        values = np.asarray(feats[mf.KEY_SPARSE_VALUE].float_list.value, np.float32)
+        if idx.size != values.size:
+            raise ValueError(f"{idx.size} feature indices but {values.size} values")
         if idx.size and (idx.min() < 0 or idx.max() >= manifest.num_features):
             raise ValueError(f"feature index out of range [0, {manifest.num_features})")
-    return labels, int(not np.all(np.isfinite(x)))
+        x = np.zeros(manifest.num_features, np.float32)
+        x[idx] = values
+    return labels, int(not np.all(np.isfinite(x))), x.reshape(1, -1)
 
 
 def dense_features_of(example: tf.train.Example, encoding: str) -> np.ndarray:
@@ -80,7 +84,8 @@ def dense_features_of(example: tf.train.Example, encoding: str) -> np.ndarray:
 
 
 def iter_split_records(data_dir: str, split: str, manifest: mf.Manifest):
-    """Yields (file path, record index, raw bytes) for every record, raising DataError on a corrupt file."""
+    """Yields (file path, record index, raw bytes) for every record, raising DataError on a corrupt file and,
+    for one-example-per-record encodings, on a record count that differs from the manifest."""
     info = manifest.split(split, data_dir)
     for shard, expected in zip(info.shards, info.shard_lengths):
         path = os.path.join(data_dir, shard)
@@ -97,8 +102,47 @@ def iter_split_records(data_dir: str, split: str, manifest: mf.Manifest):
             # Keep TensorFlow's reason ("corrupted record at 500"), not its function and op decoration.
             reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$", "", reason) or type(e).__name__
             raise DataError(f"{path} record {n}: truncated or corrupted TFRecord ({reason})") from None
-        if n != expected:
+        if n != expected and not manifest.packed:
             raise DataError(f"{path}: {n} records but the manifest says {expected}")
+
+
+def iter_split_examples(data_dir: str, split: str, manifest: mf.Manifest | None = None):
+    """Decodes a split one record at a time, in dataset order, without tf.data's reader: yields (file path,
+    record index, features [n, F] float32, label indices per example, rows with NaN/Inf features) per record
+    (n = 1 for one-example-per-record encodings).
+
+    Raises:
+      DataError: naming the file and record of the first malformed record (or shard, for a wrong count).
+    """
+    manifest = manifest or mf.read_manifest(data_dir)
+    info = manifest.split(split, data_dir)
+    expected = dict(zip((os.path.join(data_dir, s) for s in info.shards), info.shard_lengths))
+    shard, examples, next_id = None, 0, 0
+    for path, i, raw in iter_split_records(data_dir, split, manifest):
+        if path != shard:
+            _check_shard_count(shard, examples, expected)
+            shard, examples, next_id = path, 0, 0
+        try:
+            if manifest.packed:
+                block = packed.decode_block(raw, manifest)
+                if block.ids[0] < next_id:
+                    raise ValueError(f"example ids from {block.ids[0]} overlap the previous record's")
+                next_id = int(block.ids[-1]) + 1
+                labels = np.split(block.label_indices, block.label_offsets[1:-1])
+                x, bad = block.dense_features(manifest.num_features), block.non_finite_rows()
+            else:
+                labels, non_finite, x = check_record(raw, manifest)
+                labels, bad = [labels], np.flatnonzero([non_finite])
+        except Exception as e:  # noqa: BLE001 - any parse problem is reported with its location.
+            raise DataError(f"{path} record {i}: {e}") from None
+        examples += len(labels)
+        yield path, i, x, labels, bad
+    _check_shard_count(shard, examples, expected)
+
+
+def _check_shard_count(path: str | None, examples: int, expected: dict[str, int]) -> None:
+    if path is not None and examples != expected[path]:
+        raise DataError(f"{path}: {examples} examples but the manifest says {expected[path]}")
 
 
 def inspect_split(data_dir: str, split: str, manifest: mf.Manifest | None = None,
@@ -109,28 +153,27 @@ def inspect_split(data_dir: str, split: str, manifest: mf.Manifest | None = None
       data_dir: dataset directory.
       split: split name.
       manifest: the manifest, if already read.
-      allow_non_finite: count NaN/Inf feature records instead of failing on the first.
+      allow_non_finite: count NaN/Inf feature examples instead of failing on the first.
 
     Returns:
       SplitStats.
 
     Raises:
-      DataError: naming the shard file and record of the first problem.
+      DataError: naming the shard file and record (packed: and the row in the block) of the first problem.
     """
     manifest = manifest or mf.read_manifest(data_dir)
     counts = np.zeros(manifest.num_labels, np.int64)
     n = bad = positives = 0
-    for path, i, raw in iter_split_records(data_dir, split, manifest):
-        try:
-            labels, non_finite = check_record(raw, manifest)
-        except Exception as e:  # noqa: BLE001 - any parse problem is reported with its location.
-            raise DataError(f"{path} record {i}: {e}") from None
-        if non_finite and not allow_non_finite:
-            raise DataError(f"{path} record {i}: NaN/Inf feature value")
-        bad += non_finite
-        counts[np.unique(labels)] += 1
-        positives += np.unique(labels).size
-        n += 1
+    for path, i, _, labels, non_finite in iter_split_examples(data_dir, split, manifest):
+        if non_finite.size and not allow_non_finite:
+            where = f" row {non_finite[0]}" if manifest.packed else ""
+            raise DataError(f"{path} record {i}{where}: NaN/Inf feature value")
+        bad += non_finite.size
+        for example_labels in labels:
+            unique = np.unique(example_labels)
+            counts[unique] += 1
+            positives += unique.size
+        n += len(labels)
     if n == 0:
         raise DataError(f"{data_dir}: split '{split}' has no examples")
     expected = manifest.split(split).label_counts
@@ -139,6 +182,16 @@ def inspect_split(data_dir: str, split: str, manifest: mf.Manifest | None = None
                         "match its records")
     card = positives / n
     return SplitStats(n, counts, card, card / manifest.num_labels, bad)
+
+
+def read_split(data_dir: str, split: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A whole split decoded record by record (iter_split_examples), in dataset order: (features [N, F]
+    float32, label indices of each example). An independent reference for the reader's output."""
+    xs, labels = [], []
+    for _, _, x, example_labels, _ in iter_split_examples(data_dir, split):
+        xs.append(x)
+        labels.extend(example_labels)
+    return np.concatenate(xs), labels
 
 
 def locate_bad_record(data_dir: str, split: str) -> str | None:

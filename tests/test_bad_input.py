@@ -37,9 +37,10 @@ def fails(capsys, *argv) -> str:
 
 @pytest.fixture
 def dataset(tmp_path):
-    """A valid generated dataset: 120 train examples in 2 shards."""
+    """A valid generated dataset: 120 train examples in 2 shards, one example per record (packed data: see
+    tests/test_packed.py)."""
     out = tmp_path / "ds"
-    generate(str(out), 120, F, L, 2, seed=0)
+    generate(str(out), 120, F, L, 2, seed=0, layout="example")
     return out
 
 

@@ -18,11 +18,14 @@ import tensorflow as tf
 
 from data_pipeline import cli
 from data_pipeline import manifest as mf
-from data_pipeline.converters import split_names
+from data_pipeline import packed, validate
+from data_pipeline.converters import ConvertOptions, split_names
+from data_pipeline.converters import convert as convert_files
 from data_pipeline.errors import DataError
 from data_pipeline.reader import ReaderOptions, make_dataset
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+# The Mulan sets beside the repository (../shared/datasets), or where MLT_DATASETS says (a git worktree).
+DATASETS = Path(os.environ.get("MLT_DATASETS") or Path(__file__).resolve().parents[1].parent / "shared" / "datasets")
 ORDERED = ReaderOptions(shuffle=False, repeat=False, deterministic=True, cycle_length=1)
 
 
@@ -34,17 +37,27 @@ def read_all(data_dir, split, batch_size=256):
 
 
 def decode_records(data_dir, split):
-    """Every record decoded with tf.train.Example, in dataset order: [(feature dict, label list)]."""
+    """Every example decoded from its record (tf.train.Example; packed blocks by packed.decode_block), in dataset
+    order: [(features: {index: value} for sparse encodings, else an array, label list)]."""
     m = mf.read_manifest(str(data_dir))
     out = []
-    for shard in m.splits[split].shards:
-        for raw in tf.data.TFRecordDataset(os.path.join(data_dir, shard)).as_numpy_iterator():
-            f = tf.train.Example.FromString(raw).features.feature
-            if m.feature_encoding == mf.SPARSE:
-                feats = dict(zip(f[mf.KEY_SPARSE_INDEX].int64_list.value, f[mf.KEY_SPARSE_VALUE].float_list.value))
-            else:
-                feats = np.asarray(f[mf.KEY_DENSE].float_list.value, np.float32)
-            out.append((feats, list(f[mf.KEY_LABELS].int64_list.value)))
+    for _, _, raw in validate.iter_split_records(str(data_dir), split, m):
+        if m.packed:
+            b = packed.decode_block(raw, m)
+            for r in range(b.num_rows):
+                labels = b.label_indices[b.label_offsets[r]:b.label_offsets[r + 1]].tolist()
+                if m.sparse:
+                    lo, hi = b.feature_offsets[r], b.feature_offsets[r + 1]
+                    out.append((dict(zip(b.feature_indices[lo:hi].tolist(), b.feature_values[lo:hi].tolist())), labels))
+                else:
+                    out.append((b.features[r], labels))
+            continue
+        f = tf.train.Example.FromString(raw).features.feature
+        if m.feature_encoding == mf.SPARSE:
+            feats = dict(zip(f[mf.KEY_SPARSE_INDEX].int64_list.value, f[mf.KEY_SPARSE_VALUE].float_list.value))
+        else:
+            feats = np.asarray(f[mf.KEY_DENSE].float_list.value, np.float32)
+        out.append((feats, list(f[mf.KEY_LABELS].int64_list.value)))
     return out
 
 
@@ -70,7 +83,7 @@ def bibtex(tmp_path_factory):
 
 def test_bibtex_sparse_arff_shape_and_splits(bibtex):
     m = mf.read_manifest(str(bibtex))
-    assert (m.num_features, m.num_labels, m.feature_encoding) == (1836, 159, mf.SPARSE)
+    assert (m.num_features, m.num_labels, m.feature_encoding) == (1836, 159, mf.PACKED_SPARSE)
     assert {k: v.num_examples for k, v in m.splits.items()} == {"train": 4880, "test": 2515}
     assert m.label_names[0] == "TAG_2005" and m.label_names[-1] == "TAG_wiki"
 
@@ -100,7 +113,7 @@ def test_yeast_dense_arff(tmp_path):
     d = DATASETS / "yeast"
     convert("--format", "arff", "--input", d / "yeast-train.arff", d / "yeast-test.arff", "--out", tmp_path / "y")
     m = mf.read_manifest(str(tmp_path / "y"))
-    assert (m.num_features, m.num_labels, m.feature_encoding) == (103, 14, mf.DENSE)
+    assert (m.num_features, m.num_labels, m.feature_encoding) == (103, 14, mf.PACKED_DENSE)
     assert {k: v.num_examples for k, v in m.splits.items()} == {"train": 1500, "test": 917}
     # Label order is the ARFF attribute order (the XML lists Class6 before Class4).
     assert m.label_names == [f"Class{i}" for i in range(1, 15)]
@@ -133,7 +146,8 @@ def test_libsvm_round_trip_with_xmc_header_and_empty_labels(tmp_path):
     convert("--format", "libsvm", "--input", tmp_path / "train.txt", "--out", tmp_path / "a", "--shards", 3)
     convert("--format", "libsvm", "--input", tmp_path / "classic.svm", "--index-base", 1,
             "--num-features", f, "--num-labels", l, "--encoding", "dense", "--out", tmp_path / "b")
-    for out, encoding in (("a", mf.SPARSE), ("b", mf.DENSE)):
+    convert("--format", "libsvm", "--input", tmp_path / "train.txt", "--layout", "example", "--out", tmp_path / "c")
+    for out, encoding in (("a", mf.PACKED_SPARSE), ("b", mf.PACKED_DENSE), ("c", mf.SPARSE)):
         m = mf.read_manifest(str(tmp_path / out))
         assert (m.num_features, m.num_labels, m.feature_encoding) == (f, l, encoding)
         x, y = read_all(tmp_path / out, "train", batch_size=16)
@@ -203,6 +217,20 @@ def test_npz_round_trip_dense_and_csr_labels(tmp_path):
         xr, yr = read_all(tmp_path / "o", split)
         np.testing.assert_array_equal(xr, x[sl])
         np.testing.assert_array_equal(yr, y[sl])
+
+
+def test_convert_takes_typed_options_without_the_command_line(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.savez(tmp_path / "a.npz", x=x, y=np.eye(4, 2, dtype=np.int8))
+    m = convert_files(ConvertOptions(format="npz", inputs=(str(tmp_path / "a.npz"),), out=str(tmp_path / "o"),
+                                     feature_dtype="bfloat16", block_size=2))
+    assert (m.feature_encoding, m.feature_dtype, m.block_size) == (mf.PACKED_DENSE, "bfloat16", 2)
+    assert m.splits["train"].shard_lengths == [2, 2]
+    xr, yr = read_all(tmp_path / "o", "train")
+    np.testing.assert_array_equal(xr, x)  # small integers are exact in bfloat16
+    np.testing.assert_array_equal(yr, np.eye(4, 2))
+    with pytest.raises(DataError, match="already exists"):
+        convert_files(ConvertOptions(format="npz", inputs=(str(tmp_path / "a.npz"),), out=str(tmp_path / "o")))
 
 
 def test_libsvm_conversion_streams(tmp_path):

@@ -17,6 +17,7 @@ import tensorflow as tf
 from data_pipeline import cli
 from data_pipeline import generate as gen
 from data_pipeline import manifest as mf
+from data_pipeline import validate
 from data_pipeline.reader import ReaderOptions, make_dataset
 from data_pipeline.writer import DatasetWriter, encode_example
 
@@ -26,34 +27,27 @@ ORDERED = dict(shuffle=False, repeat=False, deterministic=True, cycle_length=1) 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """A generated dataset: train 2400 examples in 4 shards, eval 600 in 1 shard."""
+    """A generated dataset (packed, blocks of 256): train 2400 examples in 4 shards, eval 600 in 1 shard."""
     out = str(tmp_path_factory.mktemp("gen") / "ds")
     gen.generate(out, N, F, L, SHARDS, SEED, split_eval=EVAL)
     return out
 
 
 def regenerate(num_examples, num_features, num_labels, num_shards, seed, split_eval):
-    """Replays the generator's random draws (see generate._write_shard): {split: (x, multi-hot y)}."""
+    """Replays the generator's random draws (each chunk of 2048 examples of a split from its own seed, see
+    generate.chunk_examples): {split: (x, multi-hot y)}."""
     fn = gen.make_hidden_function(num_features, num_labels, num_examples, seed)
     num_eval = int(round(num_examples * split_eval))
-    plan = [("train", num_examples - num_eval, num_shards)]
-    if num_eval:
-        plan.append(("eval", num_eval, max(1, int(round(num_shards * split_eval)))))
     out = {}
-    for split_index, (split, n, shards) in enumerate(plan):
-        bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    for split_index, (split, n) in enumerate([("train", num_examples - num_eval), ("eval", num_eval)][:1 + bool(num_eval)]):
         xs, ys = [], []
-        for s in range(shards):
-            rng = np.random.default_rng([seed, split_index, s])
-            rows, done = bounds[s + 1] - bounds[s], 0
-            while done < rows:
-                c = min(gen._CHUNK, rows - done)
-                x = rng.normal(size=(c, num_features)).astype(np.float32)
-                z = fn.logits(x) + fn.noise * rng.normal(size=(c, num_labels))
-                xs.append(x)
-                ys.append(z > fn.thresholds)
-                done += c
-        out[split] = np.concatenate(xs), np.concatenate(ys).astype(np.float32)
+        for chunk in range(-(-n // 2048)):
+            rng = np.random.default_rng([seed, split_index, chunk])
+            x = rng.normal(size=(2048, num_features)).astype(np.float32)
+            z = fn.logits(x) + fn.noise * rng.normal(size=(2048, num_labels))
+            xs.append(x)
+            ys.append(z > fn.thresholds)
+        out[split] = np.concatenate(xs)[:n], np.concatenate(ys)[:n].astype(np.float32)
     return out
 
 
@@ -68,15 +62,10 @@ def read_all(data_dir, split, batch_size=128, input_context=None, **options):
 
 
 def decode_shards(data_dir, split):
-    """Decodes every record with tf.train.Example, in dataset order: [(shard, features, label list)]."""
-    m = mf.read_manifest(data_dir)
-    out = []
-    for shard in m.splits[split].shards:
-        for raw in tf.data.TFRecordDataset(os.path.join(data_dir, shard)).as_numpy_iterator():
-            feats = tf.train.Example.FromString(raw).features.feature
-            x = np.asarray(feats[mf.KEY_DENSE].float_list.value, np.float32)
-            out.append((shard, x, list(feats[mf.KEY_LABELS].int64_list.value)))
-    return out
+    """Decodes every record one at a time (validate.iter_split_examples, NumPy), in dataset order:
+    [(shard, features, label list)] per example."""
+    return [(os.path.basename(path), row, sorted(labels[i].tolist()))
+            for path, _, x, labels, _ in validate.iter_split_examples(data_dir, split) for i, row in enumerate(x)]
 
 
 def rows(x, y):
@@ -105,6 +94,15 @@ def test_reader_multi_hot_equals_the_label_lists_of_the_records(synthetic):
     for i, (_, features, labels) in enumerate(records):
         np.testing.assert_array_equal(x[i], features)
         assert np.flatnonzero(y[i]).tolist() == sorted(labels)
+
+
+def test_generated_examples_do_not_depend_on_the_layout(synthetic, tmp_path):
+    gen.generate(str(tmp_path / "e"), N, F, L, SHARDS, SEED, split_eval=EVAL, layout="example")
+    assert mf.read_manifest(str(tmp_path / "e")).feature_encoding == mf.DENSE
+    assert mf.read_manifest(synthetic).feature_encoding == mf.PACKED_DENSE
+    for split in ("train", "eval"):
+        for a, b in zip(read_all(str(tmp_path / "e"), split), read_all(synthetic, split), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_generate_is_deterministic_for_a_seed(tmp_path):
@@ -182,7 +180,8 @@ def test_skip_batches_continues_where_an_uninterrupted_read_would_be(synthetic):
     assert not np.array_equal(full[0][0], resumed[0][0])
 
 
-def test_sparse_encoding_reads_back_densified(tmp_path):
+@pytest.mark.parametrize("encoding", [mf.SPARSE, mf.PACKED_SPARSE])
+def test_sparse_encoding_reads_back_densified(tmp_path, encoding):
     rng = np.random.default_rng(0)
     dense = np.where(rng.random((300, 50)) < 0.1, rng.normal(size=(300, 50)), 0).astype(np.float32)
     labels = [sorted(rng.choice(7, size=rng.integers(0, 4), replace=False).tolist()) for _ in range(300)]
@@ -192,9 +191,9 @@ def test_sparse_encoding_reads_back_densified(tmp_path):
             idx = np.flatnonzero(dense[i])
             yield (idx, dense[i, idx]), labels[i], f"row {i}"
 
-    with DatasetWriter(str(tmp_path / "sp"), 50, 7, encoding=mf.SPARSE) as w:
+    with DatasetWriter(str(tmp_path / "sp"), 50, 7, encoding=encoding, block_size=32) as w:
         w.write_split("train", examples(), 300, 3)
-    assert mf.read_manifest(str(tmp_path / "sp")).feature_encoding == mf.SPARSE
+    assert mf.read_manifest(str(tmp_path / "sp")).feature_encoding == encoding
     x, y = read_all(str(tmp_path / "sp"), "train", batch_size=64)
     np.testing.assert_array_equal(x, dense)
     assert [np.flatnonzero(r).tolist() for r in y] == labels
@@ -279,7 +278,7 @@ def test_float_list_and_older_bytes_encoding_read_back_the_same(tmp_path, capsys
     ([-3e38, -3e38, np.nan], False),
 ])
 def test_all_finite_is_exact_even_when_the_sum_overflows(values, finite):
-    from data_pipeline.reader import all_finite
+    from data_pipeline.rows import all_finite
 
     assert bool(all_finite(tf.constant([values], tf.float32))) is finite
     assert bool(tf.function(all_finite)(tf.constant([values], tf.float32))) is finite

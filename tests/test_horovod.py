@@ -100,8 +100,10 @@ def dataset(tmp_path_factory) -> Path:
     from data_pipeline.generate import generate
 
     out = tmp_path_factory.mktemp("hvd") / "data"
-    # Two train shards: rank r reads shard r, so the ranks read different data.
-    generate(str(out), num_examples=1280, num_features=16, num_labels=8, num_shards=2, seed=3, split_eval=0.2)
+    # Two train shards: rank r reads shard r, so the ranks read different data. Blocks of 16 examples (half the
+    # global batch): reading both shards in order, one device takes its batches as one block of each shard.
+    generate(str(out), num_examples=1280, num_features=16, num_labels=8, num_shards=2, seed=3, split_eval=0.2,
+             block_size=16)
     return out
 
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from conftest import assert_same_state, read_checkpoint, train_in_process
 from data_pipeline import manifest as mf
+from data_pipeline import validate
 from data_pipeline.writer import DatasetWriter
 from trainer import cli, export, inference
 from trainer.config import load_config
@@ -34,16 +35,11 @@ def float32_policy_after():
 def decode_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Features and multi-hot labels of a split decoded record by record with plain protobuf parsing, in
     dataset order (shards in manifest order, records in file order): the reference for "dataset order"."""
-    m = mf.read_manifest(data_dir)
-    xs, ys = [], []
-    for shard in m.split(split, data_dir).shards:
-        for raw in tf.data.TFRecordDataset(os.path.join(data_dir, shard)).as_numpy_iterator():
-            feats = tf.train.Example.FromString(raw).features.feature
-            xs.append(np.asarray(feats[mf.KEY_DENSE].float_list.value, np.float32))
-            y = np.zeros(m.num_labels, np.float32)
-            y[list(feats[mf.KEY_LABELS].int64_list.value)] = 1.0
-            ys.append(y)
-    return np.stack(xs), np.stack(ys)
+    x, labels = validate.read_split(data_dir, split)
+    y = np.zeros((len(labels), mf.read_manifest(data_dir).num_labels), np.float32)
+    for i, positives in enumerate(labels):
+        y[i, positives] = 1.0
+    return x, y
 
 
 def bce(y: np.ndarray, p: np.ndarray) -> float:

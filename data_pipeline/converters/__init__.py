@@ -1,7 +1,7 @@
 """Converters from common multi-label file formats into dataset directories.
 
 One module per format (``arff``, ``libsvm``, ``csv``, ``npz``); each turns its input files into a
-``common.Source``. ``convert`` decides the split of each file, runs the first pass (counts and shape) and
+``common.Source``, reading its format's options off a ``ConvertOptions``. ``convert`` decides the split of each file, runs the first pass (counts and shape) and
 writes every split through one DatasetWriter, so a failure at any record leaves no dataset at ``--out``.
 """
 
@@ -13,7 +13,7 @@ import os
 import re
 
 from data_pipeline import manifest as mf
-from data_pipeline.converters.common import read_label_names
+from data_pipeline.converters.common import ConvertOptions, read_label_names
 from data_pipeline.errors import DataError
 from data_pipeline.writer import DatasetWriter
 
@@ -73,49 +73,49 @@ def split_names(paths: list[str], given: list[str] | None = None) -> list[str]:
     return names
 
 
-def convert(args) -> mf.Manifest:
-    """Converts the ``--input`` files of ``python -m data_pipeline convert`` into a dataset directory.
+def convert(options: ConvertOptions) -> mf.Manifest:
+    """Converts the input files into a dataset directory.
 
     Args:
-      args: the parsed ``convert`` arguments (see data_pipeline.cli): format, input, splits, out, shards,
-        encoding, on_bad_features, overwrite and the format-specific options.
+      options: what to convert and how (ConvertOptions; the command line builds it from its flags).
 
     Returns:
       The Manifest written.
 
     Raises:
-      DataError: bad or missing input, naming the file (and line or record); nothing is left at --out.
+      DataError: bad or missing input, naming the file (and line or record); nothing is left at options.out.
     """
-    if args.format not in FORMATS:
-        raise DataError(f"unknown format '{args.format}' (one of {', '.join(FORMATS)})")
-    paths = [str(p) for p in args.input]
+    if options.format not in FORMATS:
+        raise DataError(f"unknown format '{options.format}' (one of {', '.join(FORMATS)})")
+    paths = [str(p) for p in options.inputs]
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such input file")
-    splits = split_names(paths, args.splits)
+    splits = split_names(paths, list(options.splits) if options.splits is not None else None)
     # Checked here as well as in DatasetWriter so that a long first pass is not wasted.
-    if os.path.exists(args.out) and not args.overwrite:
-        raise DataError(f"{args.out}: already exists (pass --overwrite to replace it)")
-    names = read_label_names(args.label_names) if getattr(args, "label_names", None) else None
+    if os.path.exists(options.out) and not options.overwrite:
+        raise DataError(f"{options.out}: already exists (pass --overwrite to replace it)")
+    names = read_label_names(options.label_names) if options.label_names else None
 
-    module = importlib.import_module(f"data_pipeline.converters.{args.format}")
-    source = module.open_source(paths, args, names)
+    module = importlib.import_module(f"data_pipeline.converters.{options.format}")
+    source = module.open_source(paths, options, names)
     if names is not None:
         if len(names) != source.num_labels:
-            raise DataError(f"{args.label_names}: {len(names)} label names for {source.num_labels} labels")
+            raise DataError(f"{options.label_names}: {len(names)} label names for {source.num_labels} labels")
         source.label_names = names
     for path in paths:
         if source.counts[path] == 0:
             raise DataError(f"{path}: no records")
 
-    encoding = {"dense": mf.DENSE, "sparse": mf.SPARSE, None: mf.SPARSE if source.sparse else mf.DENSE}[
-        args.encoding]
-    with DatasetWriter(args.out, source.num_features, source.num_labels, source.label_names, encoding,
-                       overwrite=args.overwrite, source=source.description or f"{args.format}: {paths}",
-                       on_bad_features=args.on_bad_features) as writer:
+    sparse = source.sparse if options.encoding is None else options.encoding == "sparse"
+    encoding = mf.encoding_for(options.layout, sparse)
+    with DatasetWriter(options.out, source.num_features, source.num_labels, source.label_names, encoding,
+                       overwrite=options.overwrite, source=source.description or f"{options.format}: {paths}",
+                       on_bad_features=options.on_bad_features, feature_dtype=options.feature_dtype,
+                       block_size=options.block_size) as writer:
         for split, path in zip(splits, paths):
             log.info("converting %s (%d records) into split '%s'", path, source.counts[path], split)
-            writer.write_split(split, source.records(path, encoding), source.counts[path], args.shards)
+            writer.write_split(split, source.records(path, encoding), source.counts[path], options.shards)
     if writer.num_skipped:
         log.warning("skipped %d records with NaN/Inf features (--on-bad-features skip)", writer.num_skipped)
     return writer.manifest

@@ -75,12 +75,13 @@ def _implicit(attr_type) -> str | float:
     return attr_type[0] if isinstance(attr_type, (list, tuple)) and attr_type else 0.0
 
 
-def open_source(paths: list[str], args, label_names: list[str] | None = None) -> common.Source:
+def open_source(paths: list[str], options: common.ConvertOptions,
+                label_names: list[str] | None = None) -> common.Source:
     """Reads the headers of Mulan ARFF files and decides features and labels.
 
     Args:
       paths: ARFF files (all with the same attributes).
-      args: convert arguments; uses ``labels_xml``.
+      options: the conversion options; uses ``labels_xml``.
       label_names: unused (names come from the ARFF file); convert() overrides them if given.
 
     Returns:
@@ -100,7 +101,7 @@ def open_source(paths: list[str], args, label_names: list[str] | None = None) ->
             raise DataError(f"{p}: attributes differ from {paths[0]} ({diff})")
     names = [a[0] for a in attributes]
 
-    xml = getattr(args, "labels_xml", None) or _find_xml(paths[0])
+    xml = options.labels_xml or _find_xml(paths[0])
     if xml:
         wanted = read_mulan_xml(xml)
         name_set = set(names)

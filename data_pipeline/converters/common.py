@@ -19,6 +19,49 @@ from data_pipeline.errors import DataError
 Record = tuple[object, Sequence[int], str]
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """What ``converters.convert`` does; the command line (data_pipeline.cli) builds one from its flags.
+
+    Attributes:
+      format: input format, one of converters.FORMATS.
+      inputs: input files, one per split.
+      out: dataset directory to write.
+      splits: split name of each input file; None derives them from the file names (converters.split_names).
+      shards: shards per split (fewer for small splits).
+      layout: "packed" (blocks of examples per record) or "example" (one example per record).
+      encoding: feature storage, "dense" or "sparse"; None: sparse for sparse inputs, dense otherwise.
+      feature_dtype: packed layout: stored feature dtype, "float32", "float16" or "bfloat16".
+      block_size: packed layout: examples per block record.
+      on_bad_features: "fail" stops on a NaN/Inf feature, "skip" leaves the record out.
+      overwrite: replace an existing ``out``.
+      label_names: file with one label name per line.
+      labels_xml: arff: the Mulan XML naming the label attributes (default: found beside the ARFF file).
+      label_columns: csv: label column names "a,b,c", or a prefix "tag_*".
+      num_labels: libsvm / npz: number of labels (default: from the data).
+      num_features: libsvm: number of features (default: from the data).
+      index_base: libsvm: index of the first feature, 0 or 1.
+    """
+
+    format: str
+    inputs: tuple[str, ...]
+    out: str
+    splits: tuple[str, ...] | None = None
+    shards: int = 8
+    layout: str = "packed"
+    encoding: str | None = None
+    feature_dtype: str = "float32"
+    block_size: int = mf.DEFAULT_BLOCK_SIZE
+    on_bad_features: str = "fail"
+    overwrite: bool = False
+    label_names: str | None = None
+    labels_xml: str | None = None
+    label_columns: str | None = None
+    num_labels: int | None = None
+    num_features: int | None = None
+    index_base: int = 0
+
+
 @dataclasses.dataclass
 class Source:
     """The converted inputs, as the writer needs them.
@@ -50,11 +93,11 @@ def sparse_features(idx, val, num_features: int, encoding: str, where: str):
     Args:
       idx, val: feature indices and values of one record.
       num_features: feature count (densified length).
-      encoding: mf.DENSE or mf.SPARSE.
+      encoding: the dataset's encoding (mf.ENCODINGS); sparse ones keep (indices, values).
       where: "file line N", for the error message.
 
     Returns:
-      A float32 vector for mf.DENSE, or (int64 indices, float32 values) for mf.SPARSE.
+      A float32 vector for a dense encoding, or (int64 indices, float32 values) for a sparse one.
 
     Raises:
       DataError: duplicated or out-of-range feature index.
@@ -69,7 +112,7 @@ def sparse_features(idx, val, num_features: int, encoding: str, where: str):
         if idx[0] < 0 or idx[-1] >= num_features:
             bad = idx[0] if idx[0] < 0 else idx[-1]
             raise DataError(f"{where}: feature index {int(bad)} out of range [0, {num_features})")
-    if encoding == mf.SPARSE:
+    if encoding in mf.SPARSE_ENCODINGS:
         return idx, val
     dense = np.zeros(num_features, np.float32)
     dense[idx] = val
@@ -82,7 +125,7 @@ def dense_features(values, encoding: str):
     NaN counts as non-zero, so a record with NaN features still reaches the writer's NaN/Inf check.
     """
     values = np.asarray(values, np.float32).reshape(-1)
-    if encoding in mf.DENSE_ENCODINGS:
+    if encoding not in mf.SPARSE_ENCODINGS:
         return values
     idx = np.flatnonzero(values != 0)
     return idx, values[idx]

@@ -70,12 +70,13 @@ def _count(path: str) -> int:
         return sum(1 for row in reader if row)
 
 
-def open_source(paths: list[str], args, label_names: list[str] | None = None) -> common.Source:
+def open_source(paths: list[str], options: common.ConvertOptions,
+                label_names: list[str] | None = None) -> common.Source:
     """Reads the CSV headers, decides label and feature columns, and counts rows.
 
     Args:
       paths: CSV files with a header row.
-      args: convert arguments; uses label_columns.
+      options: the conversion options; uses label_columns.
       label_names: unused (label names are the column names); convert() overrides them if given.
 
     Returns:
@@ -85,7 +86,7 @@ def open_source(paths: list[str], args, label_names: list[str] | None = None) ->
       DataError: missing label column, files with different columns, no feature column.
     """
     header = _header(paths[0])
-    labels = label_columns(getattr(args, "label_columns", None), header, paths[0])
+    labels = label_columns(options.label_columns, header, paths[0])
     label_set = set(labels)
     features = [h for h in header if h not in label_set]
     if not features:

@@ -102,7 +102,8 @@ def _scan(path: str, index_base: int, need_shape: bool):
     return count, header, max_f, max_l
 
 
-def open_source(paths: list[str], args, label_names: list[str] | None = None) -> common.Source:
+def open_source(paths: list[str], options: common.ConvertOptions,
+                label_names: list[str] | None = None) -> common.Source:
     """First pass over LIBSVM/XMC files: counts records and decides the dataset shape.
 
     The shape is, in order of precedence: --num-features/--num-labels, the XMC header (the largest over
@@ -110,7 +111,7 @@ def open_source(paths: list[str], args, label_names: list[str] | None = None) ->
 
     Args:
       paths: input files.
-      args: convert arguments; uses num_features, num_labels, index_base.
+      options: the conversion options; uses num_features, num_labels, index_base.
       label_names: names from --label-names, if given (their count is the label count by default).
 
     Returns:
@@ -119,8 +120,8 @@ def open_source(paths: list[str], args, label_names: list[str] | None = None) ->
     Raises:
       DataError: a malformed line (naming file and line), a header that disagrees with the file.
     """
-    index_base = getattr(args, "index_base", 0)
-    num_features, num_labels = getattr(args, "num_features", None), getattr(args, "num_labels", None)
+    index_base = options.index_base
+    num_features, num_labels = options.num_features, options.num_labels
     if num_labels is None and label_names is not None:
         num_labels = len(label_names)
     need_shape = num_features is None or num_labels is None

@@ -91,12 +91,13 @@ class _NpzFile:
         return int(self.indices.max()) if self.indices.size else -1
 
 
-def open_source(paths: list[str], args, label_names: list[str] | None = None) -> common.Source:
+def open_source(paths: list[str], options: common.ConvertOptions,
+                label_names: list[str] | None = None) -> common.Source:
     """Loads and checks .npz files.
 
     Args:
       paths: .npz files, one per split.
-      args: convert arguments; uses num_labels.
+      options: the conversion options; uses num_labels.
       label_names: names from --label-names, if given.
 
     Returns:
@@ -108,7 +109,7 @@ def open_source(paths: list[str], args, label_names: list[str] | None = None) ->
     files = {p: _NpzFile(p) for p in paths}
     first = files[paths[0]]
     num_features = first.x.shape[1]
-    num_labels = getattr(args, "num_labels", None) or (len(label_names) if label_names else None)
+    num_labels = options.num_labels or (len(label_names) if label_names else None)
     for p, f in files.items():
         if f.x.shape[1] != num_features:
             raise DataError(f"{p}: {f.x.shape[1]} features, {paths[0]} has {num_features}")
