@@ -548,8 +548,8 @@ def test_padding_rows_do_not_count_in_propensity_sums(data):
 @pytest.mark.parametrize("num_bins", [3, 10, 81, 200, 1000, 10_000])
 def test_bin_edges_and_the_graph_bin_index_agree_exactly(num_bins):
     """Edges: 0, 2**-23 ... 1 - 2**-12, 1, strictly increasing float32 values. The TF bin of every probability,
-    also on an edge, one float32 step either side of it, at 0, 1 or NaN, is the number of interior edges at or
-    below it."""
+    also on an edge, one float32 step either side of it, at 0 or 1, is the number of interior edges at or
+    below it; NaN of either sign (a diverged model's inf - inf gives a negative one) is in bin 0."""
     edges = bins.bin_edges(num_bins)
     assert len(edges) == num_bins + 1 and edges[0] == 0 and edges[-1] == 1 and np.all(np.diff(edges) > 0)
     assert edges[1] == bins.LOWEST_EDGE and edges[-2] == bins.HIGHEST_EDGE
@@ -558,7 +558,7 @@ def test_bin_edges_and_the_graph_bin_index_agree_exactly(num_bins):
     rng = np.random.default_rng(num_bins)
     p = np.concatenate([e32, np.nextafter(e32, np.float32(-1)), np.nextafter(e32, np.float32(2)),
                         rng.random(20_000).astype(np.float32) ** 12, rng.random(20_000).astype(np.float32),
-                        1 - rng.random(20_000).astype(np.float32) ** 6, [0.0, -0.0, 1e-45, 1.0, np.nan]])
+                        1 - rng.random(20_000).astype(np.float32) ** 6, [0.0, -0.0, 1e-45, 1.0, np.nan, -np.nan]])
     p = p[~((p < 0) | (p > 1))].astype(np.float32)
     got = metric_state._bin_index(tf.constant(p), num_bins).numpy()
     expected = np.where(np.isnan(p), 0, np.searchsorted(edges[1:-1], p, side="right"))

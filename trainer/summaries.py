@@ -130,8 +130,9 @@ def pr_curve_data(pos_hist: np.ndarray, neg_hist: np.ndarray, num_thresholds: in
 
     The pr_curves plugin takes its thresholds to be ``j/(T-1)``, evenly spaced, whatever the data; the
     histograms' bin edges are not (:mod:`trainer.metrics.bins`), so the counts are read at the plugin's
-    thresholds (``bins.counts_at``): exact where a threshold is a bin edge (0 and 1 always), interpolated
-    inside a bin otherwise, so the plot and the thresholds it shows agree. Evenly spaced thresholds resolve
+    thresholds (``bins.counts_at``): exact where a threshold is a bin edge below 1 (0 always), interpolated
+    inside a bin otherwise, so the plot and the thresholds it shows agree; at 1 the curve ends with nothing
+    predicted (the last bin cannot tell scores of exactly 1 from those just below). Evenly spaced thresholds resolve
     little below 1/(T-1), where a rare label's scores lie; the Labels dashboard draws its curves at bin edges.
 
     Args:

@@ -115,7 +115,8 @@ def curve_points(pos_hist: np.ndarray, neg_hist: np.ndarray, num_thresholds: int
       pos_hist, neg_hist: ``[N, K]`` counts of positives / negatives per bin (edges ``bins.bin_edges(K)``).
       num_thresholds: wanted thresholds: 0, 1 and the edges between them at about equal steps of the edge
         index, i.e. of log-odds, so that a rare label's curve, whose scores lie far below 0.01, has as many
-        points as a frequent label's. Counts at edges are exact, so are the curves.
+        points as a frequent label's. Counts at edges below 1 are exact, so are the curves (at 1 they end with
+        nothing predicted).
 
     Returns:
       ``(thresholds [T], float32 [N, 2, T])``: precision (NaN where nothing is predicted) and recall

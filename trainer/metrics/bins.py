@@ -41,14 +41,6 @@ LOW_KEY = int(np.float32(LOWEST_EDGE).view(np.int32))
 KEY_RANGE = TOP_KEY - int(np.float32(1.0 - HIGHEST_EDGE).view(np.int32)) - LOW_KEY
 
 
-def probability_keys(probs) -> np.ndarray:
-    """The int64 key of each float32 probability (the scale of the bins, see the module doc)."""
-    p = np.asarray(probs, np.float32)
-    below_half = p.view(np.int32).astype(np.int64)
-    from_half = TOP_KEY - (np.float32(1.0) - p).view(np.int32).astype(np.int64)
-    return np.where(p < 0.5, below_half, from_half)
-
-
 def bin_edges(num_bins: int) -> np.ndarray:
     """The K+1 probability edges of K bins: ``0``, the K-1 interior edges, ``1``.
 

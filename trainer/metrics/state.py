@@ -158,14 +158,14 @@ def batch_metric_state(labels, probs, thresholds, num_bins: int, weights=None,
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _bin_index(probs, num_bins: int):
     """The bin of each float32 probability: the number of interior edges of ``bins.bin_edges(K)`` at or below
-    it. Exact: the key of the probability (``bins.probability_keys``, from its bits) and an integer division,
+    it. Exact: the key of the probability (from its bits, see :mod:`trainer.metrics.bins`) and an integer division,
     without a search over the edges or a logarithm. NaN and negative zero go to bin 0. Compiled with XLA so
     that its element-wise steps run as one pass over the [B, L] probabilities."""
     below_half = tf.bitcast(probs, tf.int32)
     from_half = bins.TOP_KEY - tf.bitcast(1.0 - probs, tf.int32)
     key = tf.cast(tf.where(probs < 0.5, below_half, from_half), tf.int64) - bins.LOW_KEY
-    index = tf.math.floordiv(key * (num_bins - 2), bins.KEY_RANGE) + 1
-    return tf.cast(tf.clip_by_value(index, 0, num_bins - 1), tf.int32)
+    index = tf.clip_by_value(tf.math.floordiv(key * (num_bins - 2), bins.KEY_RANGE) + 1, 0, num_bins - 1)
+    return tf.cast(tf.where(tf.math.is_nan(probs), tf.zeros_like(index), index), tf.int32)  # NaN of either sign
 
 
 def _histograms(probs, is_pos, w_col, num_labels, num_bins):
