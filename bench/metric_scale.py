@@ -160,16 +160,17 @@ def bin_errors(name: str, y, probs) -> list[dict]:
 
 
 def logistic_regression_probs(dataset: str, datasets_dir: str):
+    """Test labels and the test-split probabilities of one-vs-rest logistic regression trained on the train split."""
     from bench.real_data import load_split, logistic_regression
 
-    work = tempfile.mkdtemp(prefix=f"mlt-bins-{dataset}-")
     src = os.path.join(datasets_dir, dataset)
-    subprocess.run([sys.executable, "-m", "data_pipeline", "convert", "--format", "arff", "--input",
-                    os.path.join(src, f"{dataset}-train.arff"), os.path.join(src, f"{dataset}-test.arff"),
-                    "--labels-xml", os.path.join(src, f"{dataset}.xml"), "--out", os.path.join(work, "data")],
-                   cwd=REPO, check=True, capture_output=True)
-    x_train, y_train = load_split(os.path.join(work, "data"), "train")
-    x_test, y_test = load_split(os.path.join(work, "data"), "test")
+    with tempfile.TemporaryDirectory(prefix=f"mlt-bins-{dataset}-") as work:
+        subprocess.run([sys.executable, "-m", "data_pipeline", "convert", "--format", "arff", "--input",
+                        os.path.join(src, f"{dataset}-train.arff"), os.path.join(src, f"{dataset}-test.arff"),
+                        "--labels-xml", os.path.join(src, f"{dataset}.xml"), "--out", os.path.join(work, "data")],
+                       cwd=REPO, check=True, capture_output=True)
+        x_train, y_train = load_split(os.path.join(work, "data"), "train")
+        x_test, y_test = load_split(os.path.join(work, "data"), "test")
     return y_test, logistic_regression(x_train, y_train, x_test, seed=0).astype(np.float32)
 
 
