@@ -213,6 +213,14 @@ def test_scatter_and_label_page(tensorboard, browser, expected):
     series = {s.get_attribute("data-series") for s in browser.find_elements(By.CSS_SELECTOR, "#history-chart polyline")}
     assert series == {"PR-AUC", "ROC-AUC", "F1"}
     assert browser.find_elements(By.CSS_SELECTOR, "#pr-curve polyline.curve")  # its curve at the chosen step
+    # The marker sits at the label's own recall and precision at its threshold (chart box: x 50 + 290 r, y 10 +
+    # 244 (1 - p)), not at the nearest of the curve's thresholds.
+    recall, precision = (float(expected["columns"][c][index]) for c in ("recall", "precision"))
+    markers = browser.find_elements(By.CSS_SELECTOR, "#pr-curve circle.marker")
+    assert len(markers) == int(np.isfinite(recall) and np.isfinite(precision))
+    for marker in markers:
+        assert float(marker.get_attribute("cx")) == pytest.approx(50 + 290 * recall, abs=0.5)
+        assert float(marker.get_attribute("cy")) == pytest.approx(10 + 244 * (1 - precision), abs=0.5)
     browser.find_element(By.ID, "back").click()
     assert browser.find_element(By.ID, "overview").is_displayed()
 

@@ -6,16 +6,18 @@ import os
 
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from trainer.labels_plugin import table as fmt
-from trainer.metrics import compute
+from trainer.metrics import bins, compute
 from trainer.metrics.state import accumulate, batch_metric_state, zero_state
-from trainer.summaries import (CONSTANT_AGGREGATES, LOSS_TAG, PER_LABEL_SCALARS, PR_CURVE_LABELS_FILE, PerLabelOptions,
-                               SummaryWriters, choose_pr_curve_labels, pr_curve_data, sanitize_tag_names)
+from trainer.summaries import (CONSTANT_AGGREGATES, LOSS_TAG, PER_LABEL_SCALARS, PR_CURVE_LABELS_FILE,
+                               PR_CURVE_THRESHOLDS, PerLabelOptions, SummaryWriters, choose_pr_curve_labels,
+                               pr_curve_data, sanitize_tag_names)
 
 L, BINS = 50, 100
 
@@ -88,7 +90,7 @@ def test_eval_results_tags_and_values(tmp_path, result):
     label_tags = sanitize_tag_names(result.label_names)
     assert set(acc.PluginTagToContent("pr_curves")) == {f"pr_curve/{label_tags[i]}" for i in chosen}
     data = value(acc, f"pr_curve/{label_tags[chosen[0]]}")
-    assert data.shape == (6, BINS + 1) and data[0, 0] == pl["support"][chosen[0]]  # tp at threshold 0
+    assert data.shape == (6, PR_CURVE_THRESHOLDS) and data[0, 0] == pl["support"][chosen[0]]  # tp at threshold 0
 
     for tag, order in (("worst_labels", 1), ("best_labels", -1)):
         assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "text"
@@ -136,11 +138,14 @@ def test_label_table_summary(tmp_path, result):
     meta = fmt.parse_content(acc.SummaryMetadata(fmt.CURVES_TAG))
     assert curves.dtype == np.float16 and curves.shape == (L, 2, len(meta["thresholds"]))
     assert meta["label_indices"] == list(range(L)) and meta["thresholds"][0] == 0 and meta["thresholds"][-1] == 1
-    full = pr_curve_data(second.pos_hist[3], second.neg_hist[3])  # the pr_curves plugin's data of the same label
-    j = [int(round(t * BINS)) for t in meta["thresholds"]]
-    np.testing.assert_allclose(curves[3, 1], full[5, j], atol=1e-3)  # recall
-    predicted = full[0, j] + full[1, j] > 0
-    np.testing.assert_allclose(curves[3, 0][predicted], full[4, j][predicted], atol=1e-3)  # precision
+    # Bin edges, about evenly spaced in log-odds, and each label's precision / recall at them.
+    edges = bins.bin_edges(BINS)
+    assert set(meta["thresholds"]) <= set(edges) and len(meta["thresholds"]) == fmt.CURVE_THRESHOLDS
+    column = np.searchsorted(edges, meta["thresholds"])
+    tp, fp = (bins.counts_at_edges(h[3])[column] for h in (second.pos_hist, second.neg_hist))
+    np.testing.assert_allclose(curves[3, 1], tp / second.per_label["support"][3], atol=1e-3)  # recall
+    predicted = tp + fp > 0
+    np.testing.assert_allclose(curves[3, 0][predicted], tp[predicted] / (tp + fp)[predicted], atol=1e-3)  # precision
     assert np.isnan(curves[3, 0][~predicted]).all()
 
 
@@ -224,21 +229,67 @@ def test_per_label_disabled_writes_aggregates_only(tmp_path, result):
     assert tags and all(t.startswith("metrics/") for t in tags)
 
 
-def test_pr_curve_data_from_histograms():
-    pos = np.array([0, 1, 2, 3], float)  # 4 bins, thresholds 0, .25, .5, .75, 1
-    neg = np.array([4, 3, 0, 1], float)
-    tp, fp, tn, fn, prec, rec = pr_curve_data(pos, neg)
-    np.testing.assert_array_equal(tp, [6, 6, 5, 3, 0])
-    np.testing.assert_array_equal(fp, [8, 4, 1, 1, 0])
-    np.testing.assert_array_equal(tn, [0, 4, 7, 7, 8])
-    np.testing.assert_array_equal(fn, [0, 0, 1, 3, 6])
-    np.testing.assert_allclose(prec, [6 / 14, 6 / 10, 5 / 6, 3 / 4, 0], rtol=1e-6)
-    np.testing.assert_allclose(rec, [1, 1, 5 / 6, 1 / 2, 0], rtol=1e-6)
-    merged = pr_curve_data(np.ones(1000), np.ones(1000))
-    assert merged.shape == (6, 201) and merged[0, 100] == 500
-    thresholds, curves = fmt.curve_points(pos[None], neg[None], num_thresholds=3)  # edges 0, 2, 4 of 4 bins
-    np.testing.assert_allclose(thresholds, [0, 0.5, 1])
-    np.testing.assert_allclose(curves[0], [[6 / 14, 5 / 6, np.nan], [1, 5 / 6, 0]], rtol=1e-6)
+def sklearn_precision_recall_at(y, p, thresholds):
+    """Precision and recall of ``p >= t`` for each t, read off sklearn's precision_recall_curve (NaN precision
+    where nothing is predicted)."""
+    precision, recall, at = skm.precision_recall_curve(y, p)
+    i = np.searchsorted(at, thresholds, side="left")  # the lowest score >= t gives the curve's point for t
+    beyond = i == len(at)
+    i = np.minimum(i, len(at) - 1)
+    return np.where(beyond, np.nan, precision[i]), np.where(beyond, 0.0, recall[i])
+
+
+CURVE_BINS = 200  # metrics.num_bins: 0.25, 0.5, 0.75 are bin edges then
+
+
+def scores_for_curves():
+    rng = np.random.default_rng(9)
+    y = (rng.random((3000, 2)) < [0.01, 0.3]).astype(np.float32)
+    logits = np.array([-6.0, -0.5]) + np.array([3.0, 2.0]) * y + rng.normal(0, 1.2, y.shape)
+    p = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    st = accumulate(zero_state(2, CURVE_BINS), batch_metric_state(y, p, np.full(2, 0.5), CURVE_BINS))
+    return y, p, st
+
+
+def test_pr_curve_data_is_sklearns_curve_at_its_thresholds():
+    """The pr_curves plugin's data at its evenly spaced thresholds: exact (as sklearn's precision_recall_curve
+    gives) where a threshold is a bin edge, and between the exact values at the two enclosing edges elsewhere."""
+    y, p, st = scores_for_curves()
+    grid = np.linspace(0, 1, PR_CURVE_THRESHOLDS)
+    edges = bins.bin_edges(CURVE_BINS)
+    is_edge = np.isin(grid, edges)
+    assert is_edge.sum() >= 5  # 0, 0.25, 0.5, 0.75, 1 at least
+    upper = np.searchsorted(edges, grid, side="left")  # the bin edges enclosing each grid threshold
+    lower = np.maximum(upper - 1, 0)
+    for j in range(2):
+        data = pr_curve_data(st["pos_hist"][j], st["neg_hist"][j])
+        assert data.shape == (6, PR_CURVE_THRESHOLDS)
+        tp, fp, tn, fn, precision, recall = data
+        np.testing.assert_allclose(tp + fn, y[:, j].sum(), rtol=1e-6)
+        np.testing.assert_allclose(fp + tn, (1 - y[:, j]).sum(), rtol=1e-6)
+        for counts, of_class in ((tp, y[:, j] > 0), (fp, y[:, j] == 0)):
+            def exact(thresholds):
+                return np.array([np.sum((p[:, j] >= t) & of_class) for t in thresholds])
+            np.testing.assert_array_equal(counts[is_edge], exact(grid[is_edge]))
+            assert np.all((exact(edges[upper]) <= counts + 1e-4) & (counts <= exact(edges[lower]) + 1e-4))
+        sk_precision, sk_recall = sklearn_precision_recall_at(y[:, j], p[:, j], grid)
+        np.testing.assert_allclose(recall[is_edge], sk_recall[is_edge], atol=1e-6)
+        shown = is_edge & ~np.isnan(sk_precision)
+        np.testing.assert_allclose(precision[shown], sk_precision[shown], atol=1e-6)
+
+
+def test_dashboard_curves_are_sklearns_curve_at_bin_edges():
+    y, p, st = scores_for_curves()
+    thresholds, curves = fmt.curve_points(st["pos_hist"], st["neg_hist"])
+    assert thresholds[0] == 0 and thresholds[-1] == 1 and len(thresholds) == fmt.CURVE_THRESHOLDS
+    assert set(thresholds) <= set(bins.bin_edges(CURVE_BINS))
+    for j in range(2):
+        precision, recall = sklearn_precision_recall_at(y[:, j], p[:, j], thresholds)
+        np.testing.assert_allclose(curves[j, 1], recall, atol=1e-6)
+        np.testing.assert_allclose(curves[j, 0], precision, atol=1e-6)  # NaN where nothing is predicted
+    # The rare label's curve has points all along its scores (which lie below 0.05), not only at 0.
+    rare = (thresholds > p[:, 0].min()) & (thresholds < p[y[:, 0] > 0, 0].max())
+    assert rare.sum() >= 10
 
 
 def test_train_progress_scalars_and_hparams(tmp_path):

@@ -20,8 +20,8 @@ An evaluation (:meth:`SummaryWriters.eval_results`, one step of the split's run)
 * the per-label table ``labels/table`` and ``labels/pr_curves`` read by the Labels dashboard (format:
   :mod:`trainer.labels_plugin.table`);
 * histograms ``across_labels/{pr_auc,roc_auc,f1}``: how one metric is spread over the labels;
-* PR curves ``pr_curve/<label>`` (pr_curves plugin) for one fixed set of labels per model directory:
-  ``metrics.pr_curve_labels``, else :data:`NUM_PR_CURVES` labels spread from the most to the least
+* PR curves ``pr_curve/<label>`` (pr_curves plugin, :func:`pr_curve_data`) for one fixed set of labels per
+  model directory: ``metrics.pr_curve_labels``, else :data:`NUM_PR_CURVES` labels spread from the most to the least
   frequent in training, chosen at the first evaluation and kept in ``<logdir>/pr_curve_labels.json`` so
   that resumed training and ``trainer evaluate`` draw the same labels;
 * text ``worst_labels`` and ``best_labels``: the N labels with the lowest / highest PR-AUC among those
@@ -56,11 +56,13 @@ from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.util import tensor_util
 
 from trainer.labels_plugin import table as label_table
+from trainer.metrics import bins
 from trainer.metrics.compute import MetricsResult, worst_labels
 
 PER_LABEL_SCALARS = ("roc_auc", "pr_auc", "f1", "precision", "recall")
 LOSS_TAG = "loss/per_example"
 NUM_PR_CURVES = 10
+PR_CURVE_THRESHOLDS = 201  # 0, 0.005, ..., 1 (the pr_curves plugin wants them evenly spaced)
 PR_CURVE_LABELS_FILE = "pr_curve_labels.json"
 # Aggregates that do not change between evaluations of one split: not drawn as series.
 CONSTANT_AGGREGATES = ("num_examples", "num_labels", "num_labels_with_support")
@@ -123,30 +125,28 @@ def _add_scalar(summary: summary_pb2.Summary, tag: str, value) -> None:
     v.tensor.float_val.append(value)
 
 
-def pr_curve_data(pos_hist: np.ndarray, neg_hist: np.ndarray, max_thresholds: int = 201) -> np.ndarray:
+def pr_curve_data(pos_hist: np.ndarray, neg_hist: np.ndarray, num_thresholds: int = PR_CURVE_THRESHOLDS) -> np.ndarray:
     """PR-curve plugin data for one label from its histograms.
+
+    The pr_curves plugin takes its thresholds to be ``j/(T-1)``, evenly spaced, whatever the data; the
+    histograms' bin edges are not (:mod:`trainer.metrics.bins`), so the counts are read at the plugin's
+    thresholds (``bins.counts_at``): exact where a threshold is a bin edge below 1 (0 always), interpolated
+    inside a bin otherwise, so the plot and the thresholds it shows agree; at 1 the curve ends with nothing
+    predicted (the last bin cannot tell scores of exactly 1 from those just below). Evenly spaced thresholds resolve
+    little below 1/(T-1), where a rare label's scores lie; the Labels dashboard draws its curves at bin edges.
 
     Args:
       pos_hist: ``[K]`` positive counts per bin.
       neg_hist: ``[K]`` negative counts per bin.
-      max_thresholds: when K+1 is larger, adjacent bins are merged by the smallest factor
-        that divides K and gives at most this many thresholds (but never fewer than 51).
+      num_thresholds: T.
 
     Returns:
-      float32 ``[6, T]``: tp, fp, tn, fn, precision, recall at the evenly spaced thresholds
-      ``j/(T-1)``, the layout the pr_curves plugin expects.  Precision is 0 where nothing is
-      predicted, as in the plugin's own op.
+      float32 ``[6, T]``: tp, fp, tn, fn, precision, recall at the thresholds ``j/(T-1)``, the layout the
+      pr_curves plugin expects.  Precision is 0 where nothing is predicted, as in the plugin's own op.
     """
-    pos = np.asarray(pos_hist, np.float64)
-    neg = np.asarray(neg_hist, np.float64)
-    k = pos.shape[0]
-    merge = next((m for m in range(1, k + 1) if k % m == 0 and k // m + 1 <= max_thresholds), k)
-    if k // merge + 1 >= min(51, k + 1):
-        pos, neg = pos.reshape(-1, merge).sum(1), neg.reshape(-1, merge).sum(1)
-    # tp[j] = positives with prob >= j/K = sum of bins >= j; 0 at the last threshold (1.0).
-    tp = np.append(np.cumsum(pos[::-1])[::-1], 0.0)
-    fp = np.append(np.cumsum(neg[::-1])[::-1], 0.0)
-    fn, tn = pos.sum() - tp, neg.sum() - fp
+    thresholds = np.linspace(0.0, 1.0, num_thresholds)
+    tp, fp = bins.counts_at(pos_hist, thresholds), bins.counts_at(neg_hist, thresholds)
+    fn, tn = tp[0] - tp, fp[0] - fp  # tp[0], fp[0]: at threshold 0, every positive and negative
     precision = tp / np.maximum(tp + fp, 1e-7)
     recall = tp / np.maximum(tp + fn, 1e-7)
     return np.stack([tp, fp, tn, fn, precision, recall]).astype(np.float32)

@@ -14,7 +14,9 @@ summary values per evaluation, in the run of the evaluated split (``eval``, ``te
   Undefined values are NaN (see ``trainer.metrics.compute``).
 ``labels/pr_curves``
   float16 ``[N, 2, T]``: precision (``[:, 0]``) and recall (``[:, 1]``) of N labels at T thresholds
-  (NaN where undefined), N <= :data:`MAX_CURVE_LABELS`.
+  (NaN where undefined), N <= :data:`MAX_CURVE_LABELS`. The thresholds are listed in the description: bin
+  edges of the histograms (:func:`curve_points`), so not evenly spaced in probability (older logs have
+  ``0, 0.02, ..., 1``); a reader takes them from there.
 
 The plugin data ``content`` is UTF-8 JSON.  The first value of a tag in each event file carries the full
 description -- ``{"version": 1, "columns": [...], "labels": [...], "buckets": ["head", "torso", "tail"]}``
@@ -36,6 +38,7 @@ import numpy as np
 from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.util import tensor_util
 
+from trainer.metrics import bins
 from trainer.metrics.compute import BUCKETS, MetricsResult
 
 PLUGIN_NAME = "mlt_labels"
@@ -44,7 +47,7 @@ CURVES_TAG = "labels/pr_curves"
 FORMAT_VERSION = 1
 COLUMNS = ("train_count", "support", "prevalence", "pred_pos_rate", "pr_auc", "roc_auc", "f1", "precision",
            "recall", "threshold", "bucket")
-CURVE_THRESHOLDS = 51  # 0, 0.02, ..., 1: enough for a curve on screen
+CURVE_THRESHOLDS = 51  # bin edges, about evenly spaced in log-odds: enough for a curve on screen
 MAX_CURVE_LABELS = 1000
 
 
@@ -109,8 +112,11 @@ def curve_points(pos_hist: np.ndarray, neg_hist: np.ndarray, num_thresholds: int
     """Precision and recall of each row of the histograms at about ``num_thresholds`` bin edges.
 
     Args:
-      pos_hist, neg_hist: ``[N, K]`` counts of positives / negatives per probability bin.
-      num_thresholds: wanted thresholds; the bin edges ``j/K`` nearest to ``0, 1/(T-1), ..., 1``.
+      pos_hist, neg_hist: ``[N, K]`` counts of positives / negatives per bin (edges ``bins.bin_edges(K)``).
+      num_thresholds: wanted thresholds: 0, 1 and the edges between them at about equal steps of the edge
+        index, i.e. of log-odds, so that a rare label's curve, whose scores lie far below 0.01, has as many
+        points as a frequent label's. Counts at edges below 1 are exact, so are the curves (at 1 they end with
+        nothing predicted).
 
     Returns:
       ``(thresholds [T], float32 [N, 2, T])``: precision (NaN where nothing is predicted) and recall
@@ -119,14 +125,12 @@ def curve_points(pos_hist: np.ndarray, neg_hist: np.ndarray, num_thresholds: int
     pos = np.atleast_2d(np.asarray(pos_hist, np.float64))
     neg = np.atleast_2d(np.asarray(neg_hist, np.float64))
     k = pos.shape[1]
-    edges = np.unique(np.round(np.linspace(0, k, min(num_thresholds, k + 1))).astype(np.int64))
-    # Positives / negatives with prob >= edge/K: sums of the bins from the edge up (0 at the edge K).
-    tp = np.concatenate([np.cumsum(pos[:, ::-1], axis=1)[:, ::-1], np.zeros((len(pos), 1))], axis=1)[:, edges]
-    fp = np.concatenate([np.cumsum(neg[:, ::-1], axis=1)[:, ::-1], np.zeros((len(neg), 1))], axis=1)[:, edges]
+    chosen = np.unique(np.round(np.linspace(0, k, min(num_thresholds, k + 1))).astype(np.int64))
+    tp, fp = bins.counts_at_edges(pos)[:, chosen], bins.counts_at_edges(neg)[:, chosen]
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(tp + fp > 0, tp / (tp + fp), np.nan)
         recall = tp / pos.sum(1, keepdims=True)
-    return edges / k, np.stack([precision, recall], axis=1).astype(np.float32)
+    return bins.bin_edges(k)[chosen], np.stack([precision, recall], axis=1).astype(np.float32)
 
 
 def pr_curves_pb(result: MetricsResult, indices: np.ndarray, describe: bool = True) -> summary_pb2.Summary:
@@ -138,7 +142,7 @@ def pr_curves_pb(result: MetricsResult, indices: np.ndarray, describe: bool = Tr
       describe: carry the thresholds and label indices (the first value of the tag in an event file).
     """
     thresholds, curves = curve_points(result.pos_hist[indices], result.neg_hist[indices])
-    content = {"thresholds": [round(float(t), 6) for t in thresholds],
+    content = {"thresholds": [float(t) for t in thresholds],
                "label_indices": [int(i) for i in indices]} if describe else {}
     summary = summary_pb2.Summary()
     summary.value.add(tag=CURVES_TAG, metadata=_metadata(content, "Per-label PR curves (Labels dashboard)"),

@@ -1,6 +1,6 @@
-"""Per-label streaming metrics: TF-side additive state (:mod:`.state`) and pure NumPy
-computation (:mod:`.compute`).  Only the NumPy half is imported here so that
-``evaluate`` / reporting code can use it without importing TensorFlow."""
+"""Per-label streaming metrics: TF-side additive state (:mod:`.state`), pure NumPy computation
+(:mod:`.compute`), and the histogram bins both use (:mod:`.bins`).  Only the NumPy half is imported here so
+that ``evaluate`` / reporting code can use it without importing TensorFlow."""
 
 from trainer.metrics.compute import (  # noqa: F401
     MetricsResult,

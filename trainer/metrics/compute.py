@@ -12,9 +12,16 @@ Conventions (undefined is NaN, never 0 or 1, and NaN labels are left out of macr
 * ``recall``: NaN when the label has no positives.
 * ``f1`` = 2tp / (2tp + fp + fn): NaN only when there are no positives *and* no predictions; a label with
   no positives but false positives has F1 = 0 (sklearn's ``f1_score(..., zero_division=np.nan)``).
-* Curves are computed at the K+1 bin edges ``j/K``; ROC-AUC is the trapezoid over them, PR-AUC is
-  sklearn's average precision ``sum_n (R_n - R_{n-1}) P_n``. Both equal sklearn exactly when every
-  prediction in a bin has the same value; otherwise they differ by at most the bounds of
+* AUCs come from the threshold histograms, whose K bins are (nearly) equal width in log-odds
+  (:mod:`trainer.metrics.bins`), so rare labels, whose probabilities lie far below 1/K, are resolved as well
+  as frequent ones. The histograms keep the order of the bins but not the order inside a bin, so both AUCs
+  are what the scores give when the scores inside each bin are in random order: ROC-AUC is the trapezoid
+  over the K+1 bin edges (the exact expected ROC-AUC over those orders, and sklearn's value exactly when the
+  scores inside each bin are tied); PR-AUC is average precision ``sum over positives of precision / P``
+  with the precision of the i-th of a bin's m positives taken at the expected number of the bin's n negatives
+  ranked before it, ``i n / (m + 1)`` (sklearn's value exactly when no bin holds both positives and
+  negatives; sklearn's own rule for tied scores, all of a bin's negatives before its positives, would bias
+  every binned AP downwards). Either differs from the exact value by at most the bounds of
   :func:`histogram_auc_error_bounds`, reported as ``macro_roc_auc_bin_error`` and ``macro_pr_auc_bin_error``.
 * Micro AUCs use the histograms summed over labels (sklearn's ``average="micro"``).
 * Ranking metrics (P@k, nDCG@k, LRAP) are means over examples; examples without positives contribute 0
@@ -43,6 +50,8 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from trainer.metrics import bins
 
 #: The k of every ranking metric (precision@k, ndcg@k, psp@k, psndcg@k).
 TOP_K = (1, 3, 5)
@@ -105,19 +114,49 @@ def _nanmean(x) -> float:
 def _cumulative_counts(pos_hist, neg_hist):
     """tp/fp at the bin-edge thresholds, thresholds *descending*.
 
-    Column i (i = 0..K) is the threshold ``(K - i)/K``: i=0 predicts nothing, i=K
-    predicts everything.
+    Column i (i = 0..K) is the edge ``bin_edges(K)[K - i]``: i=0 predicts nothing, i=K predicts everything.
     """
-    pos_hist = np.atleast_2d(pos_hist)
-    neg_hist = np.atleast_2d(neg_hist)
-    zeros = np.zeros((pos_hist.shape[0], 1))
-    tp = np.concatenate([zeros, np.cumsum(pos_hist[:, ::-1], axis=1)], axis=1)
-    fp = np.concatenate([zeros, np.cumsum(neg_hist[:, ::-1], axis=1)], axis=1)
+    tp = bins.counts_at_edges(np.atleast_2d(pos_hist))[:, ::-1]
+    fp = bins.counts_at_edges(np.atleast_2d(neg_hist))[:, ::-1]
     return tp, fp
 
 
+def _digamma_difference(a, b):
+    """psi(a) - psi(b) for a >= b >= 1 (arrays), accurate to about 1e-12 relative also when a - b is small:
+    the recurrence psi(x) = psi(x + 1) - 1/x lifts b to 10, then the asymptotic series, written as differences."""
+    a, b = np.array(a, np.float64), np.array(b, np.float64)
+    total = np.zeros(np.broadcast(a, b).shape)
+    for _ in range(10):
+        low = b < 10.0
+        total += np.where(low, (a - b) / (a * b), 0.0)
+        a, b = np.where(low, a + 1.0, a), np.where(low, b + 1.0, b)
+    d = a - b
+    total += np.log1p(d / b) + d / (2 * a * b) + d * (a + b) / (12 * a**2 * b**2)
+    return total + (a**-4 - b**-4) / 120 - (a**-6 - b**-6) / 252 + (a**-8 - b**-8) / 240
+
+
+def _average_precision(pos_hist, neg_hist):
+    """Average precision per row, the scores inside each bin in random order (see the module doc).
+
+    Per bin (from the highest): with T0 positives and F0 negatives above it, m positives and n negatives
+    in it, the i-th positive counts precision ``(T0 + i) / (T0 + F0 + i s)``, ``s = 1 + n / (m + 1)``; the
+    sum over i = 1..m is ``m / s + (s T0 - c) / s**2 * (psi(x + m + 1) - psi(x + 1))`` with ``c = T0 + F0``,
+    ``x = c / s``, which also holds for fractional (weighted) counts. Only bins holding positives are visited.
+    """
+    pos, neg = np.atleast_2d(pos_hist)[:, ::-1], np.atleast_2d(neg_hist)[:, ::-1]
+    t0, f0 = np.cumsum(pos, axis=1) - pos, np.cumsum(neg, axis=1) - neg
+    rows, cols = np.nonzero(pos > 0)
+    m, n, t0, c = pos[rows, cols], neg[rows, cols], t0[rows, cols], t0[rows, cols] + f0[rows, cols]
+    s = 1.0 + n / (m + 1.0)
+    x = c / s
+    in_bin = m / s + (s * t0 - c) / s**2 * _digamma_difference(x + m + 1.0, x + 1.0)
+    n_pos = pos.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(rows, weights=in_bin, minlength=pos.shape[0]) / n_pos
+
+
 def histogram_auc(pos_hist, neg_hist) -> tuple[np.ndarray, np.ndarray]:
-    """ROC-AUC and average precision per row of the histograms.
+    """ROC-AUC and average precision per row of the histograms (see the module doc for how).
 
     Args:
       pos_hist: ``[L, K]`` (or ``[K]``) positive counts per bin.
@@ -131,9 +170,7 @@ def histogram_auc(pos_hist, neg_hist) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         tpr, fpr = tp / n_pos, fp / n_neg
         roc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1)
-        # Precision is only used where recall moves, i.e. where tp (so tp+fp) grew.
-        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
-        ap = np.sum(np.diff(tpr, axis=1) * precision[:, 1:], axis=1)
+    ap = _average_precision(pos_hist, neg_hist)
     roc = np.where((n_pos[:, 0] > 0) & (n_neg[:, 0] > 0), roc, np.nan)
     ap = np.where(n_pos[:, 0] > 0, ap, np.nan)
     return roc, ap
@@ -299,10 +336,12 @@ def tune_thresholds(state: Mapping[str, np.ndarray], min_positives: int = 5, def
                     min_gain: float = 0.2) -> np.ndarray:
     """Per-label F1-optimal decision thresholds from the validation histograms.
 
-    Candidates are the bin edges ``j/K`` for j = 0..K-1 (``prob >= j/K`` predicts the
-    bins ``>= j``).  When several edges reach the best F1 (empty bins make plateaus), the
-    middle of the first best run is taken -- the point farthest from both neighbouring
-    populations, which generalises better than the plateau's end.
+    Candidates are the bin edges ``e_j = bins.bin_edges(K)[j]`` for j = 0..K-1 (``prob >= e_j`` predicts
+    the bins ``>= j``, exactly, on the float32 probabilities the export thresholds), so the F1 a threshold
+    gets on the validation histograms is the F1 it gives applied to the same scores.  When several edges
+    reach the best F1 (empty bins make plateaus), the middle edge of the first best run is taken (about the
+    middle in log-odds: the point farthest from both neighbouring populations, which generalises better than
+    the plateau's end).
 
     A label keeps ``default`` too unless its best F1 closes at least ``min_gain`` of the gap between
     the F1 of predicting *every* example positive (``2p/(1+p)`` for prevalence p, what F1 gives a
@@ -324,8 +363,9 @@ def tune_thresholds(state: Mapping[str, np.ndarray], min_positives: int = 5, def
     pos_hist = np.asarray(state["pos_hist"], np.float64)
     neg_hist = np.asarray(state["neg_hist"], np.float64)
     num_bins = pos_hist.shape[1]
+    edges = bins.bin_edges(num_bins)
     tp, fp = _cumulative_counts(pos_hist, neg_hist)
-    tp, fp = tp[:, 1:][:, ::-1], fp[:, 1:][:, ::-1]  # column j = threshold j/K, j=0..K-1
+    tp, fp = tp[:, 1:][:, ::-1], fp[:, 1:][:, ::-1]  # column j = threshold edges[j], j=0..K-1
     n_pos = pos_hist.sum(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.where(tp > 0, 2 * tp / (tp + fp + n_pos), 0.0)
@@ -338,7 +378,7 @@ def tune_thresholds(state: Mapping[str, np.ndarray], min_positives: int = 5, def
         best = np.isclose(row, row.max(), rtol=1e-12, atol=0.0)
         start = int(np.argmax(best))
         stop = start + int(np.argmin(best[start:])) if not best[start:].all() else num_bins
-        out[i] = ((start + stop - 1) // 2) / num_bins
+        out[i] = edges[(start + stop - 1) // 2]
     return out
 
 

@@ -7,7 +7,7 @@ pure functions of :mod:`trainer.metrics.compute` turn the accumulated state into
 =======================  ======  ==========================================================================
 key                      shape   sum over the examples of
 =======================  ======  ==========================================================================
-``pos_hist``             [L, K]  positives whose probability falls in bin k (``[k/K, (k+1)/K)``; 1 -> last)
+``pos_hist``             [L, K]  positives whose probability falls in bin k (``edges[k] <= p < edges[k+1]``)
 ``neg_hist``             [L, K]  negatives whose probability falls in bin k
 ``tp`` ``fp`` ``fn``     [L]     true / false positives, false negatives at the decision thresholds
 ``support``              [L]     positives
@@ -28,6 +28,10 @@ Everything is float64: counts stay exact to 2**53 (float32 stops at 2**24, which
 frequent label passes within an epoch of a large dataset), and one dtype lets a backend reduce the whole
 state at once. Inside a batch the arithmetic is float32 and cast once at the end.
 
+The bin edges are ``bins.bin_edges(K)``, nearly equal width in log-odds (see :mod:`trainer.metrics.bins` for
+the scale and why); :func:`_bin_index` finds a probability's bin exactly, in integer arithmetic on its float32
+bits, so the histograms agree with ``prob >= edge`` on the same float32 probabilities.
+
 Memory: the histograms are 2·L·K float64, so K comes from :func:`histogram_bins`, which lowers it below
 ``metrics.num_bins`` when the state would outgrow ``metrics.histogram_budget_mib``. The batch computation
 is O(B·L) in time and memory besides the histograms' O(L·K) (no sort over the labels; see
@@ -41,6 +45,7 @@ from typing import Mapping
 import numpy as np
 import tensorflow as tf
 
+from trainer.metrics import bins
 from trainer.metrics.compute import MIN_BINS, TOP_K
 
 _RANKING_SUMS = ("p_at", "ndcg_at", "psp_at", "psp_best_at", "psndcg_at", "psndcg_best_at")
@@ -113,7 +118,7 @@ def batch_metric_state(labels, probs, thresholds, num_bins: int, weights=None,
       labels: ``[B, L]`` multi-hot labels (``>= 0.5`` counts as positive, so smoothed targets work).
       probs: ``[B, L]`` predicted probabilities in ``[0, 1]``; L must be static (it sizes the state).
       thresholds: ``[L]`` decision thresholds; a label is predicted when ``prob >= threshold``.
-      num_bins: K, the number of equal-width probability bins of the histograms (a Python int).
+      num_bins: K, the number of histogram bins (a Python int, at least 3; edges ``bins.bin_edges(K)``).
       weights: optional ``[B]`` example weights, normally a 0/1 mask of padding rows; every entry is a
         weighted sum, so fractional weights act like sklearn's ``sample_weight``.
       inv_propensity: optional ``[L]`` inverse propensities of the labels
@@ -150,13 +155,25 @@ def batch_metric_state(labels, probs, thresholds, num_bins: int, weights=None,
     return {k: tf.cast(out[k], tf.float64) for k in STATE_KEYS}
 
 
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _bin_index(probs, num_bins: int):
+    """The bin of each float32 probability: the number of interior edges of ``bins.bin_edges(K)`` at or below
+    it. Exact: the key of the probability (from its bits, see :mod:`trainer.metrics.bins`) and an integer division,
+    without a search over the edges or a logarithm. NaN and negative zero go to bin 0. Compiled with XLA so
+    that its element-wise steps run as one pass over the [B, L] probabilities."""
+    below_half = tf.bitcast(probs, tf.int32)
+    from_half = bins.TOP_KEY - tf.bitcast(1.0 - probs, tf.int32)
+    key = tf.cast(tf.where(probs < 0.5, below_half, from_half), tf.int64) - bins.LOW_KEY
+    index = tf.clip_by_value(tf.math.floordiv(key * (num_bins - 2), bins.KEY_RANGE) + 1, 0, num_bins - 1)
+    return tf.cast(tf.where(tf.math.is_nan(probs), tf.zeros_like(index), index), tf.int32)  # NaN of either sign
+
+
 def _histograms(probs, is_pos, w_col, num_labels, num_bins):
     """Both histograms in one scatter over 2·L·K segments (id = is_pos·L·K + label·K + bin).
 
     A one_hot/einsum version materialises [B, L, K] and is hundreds of times slower.
     """
-    bins = tf.clip_by_value(tf.cast(tf.floor(probs * num_bins), tf.int32), 0, num_bins - 1)
-    seg = bins + tf.range(num_labels, dtype=tf.int32)[None, :] * num_bins
+    seg = _bin_index(probs, num_bins) + tf.range(num_labels, dtype=tf.int32)[None, :] * num_bins
     seg += tf.cast(is_pos, tf.int32) * (num_labels * num_bins)
     data = tf.broadcast_to(w_col, tf.shape(probs))
     hist = tf.math.unsorted_segment_sum(tf.reshape(data, [-1]), tf.reshape(seg, [-1]), 2 * num_labels * num_bins)

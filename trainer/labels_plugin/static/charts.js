@@ -97,7 +97,7 @@ export function lineChart(series, {xLabel, yLabel, id}) {
   return svgElement(W, H, body, id);
 }
 
-// curves: [{name, recall: [...], precision: [...], marker: index | null, dashed}].
+// curves: [{name, recall: [...], precision: [...], marker: {recall, precision} | null, dashed}].
 export function prCurve(curves, {id}) {
   const W = 360, H = 300, box = {left: 50, top: 10, width: W - 70, height: H - 56};
   const px = (x) => box.left + x * box.width;
@@ -111,8 +111,8 @@ export function prCurve(curves, {id}) {
       .filter((p) => p !== null);
     body += `<polyline class="curve" data-series="${escapeXml(c.name)}" points="${pts.join(' ')}" fill="none" stroke="${color}" ` +
       `stroke-width="2" ${c.dashed ? 'stroke-dasharray="5 3"' : ''}/>`;
-    if (c.marker !== null && c.recall[c.marker] !== null && c.precision[c.marker] !== null) {
-      body += `<circle cx="${px(c.recall[c.marker])}" cy="${py(c.precision[c.marker])}" r="5" fill="none" stroke="${color}" ` +
+    if (c.marker && c.marker.recall !== null && c.marker.precision !== null) {
+      body += `<circle class="marker" cx="${px(c.marker.recall)}" cy="${py(c.marker.precision)}" r="5" fill="none" stroke="${color}" ` +
         `stroke-width="2"><title>at the label's threshold</title></circle>`;
     }
     body += `<text x="${box.left + 8}" y="${box.top + box.height - 10 - 14 * k}" class="legend" fill="${color}">${escapeXml(c.name)}</text>`;

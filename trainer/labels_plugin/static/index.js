@@ -290,9 +290,11 @@ function renderLabelPage(name, a, b) {
   const series = runs.flatMap(([run, data, dashed]) => METRICS.slice(0, 3).map(([key, title], k) => ({
     name: runs.length > 1 ? `${title} (${run})` : title, xs: data.steps, ys: data.history[key], dashed,
     color: ['#1565c0', '#c62828', '#2e7d32'][k]})));
+  // The marker is the label's own precision and recall at its threshold (table values, exact): the curve's
+  // thresholds are bin edges, not evenly spaced, and need not include the label's threshold.
   const curves = runs.filter(([, data]) => data.curve).map(([run, data, dashed]) => {
-    const c = data.curve, t = row && !dashed ? row.threshold : null;
-    const marker = t === null ? null : c.thresholds.reduce((best, x, i) => (Math.abs(x - t) < Math.abs(c.thresholds[best] - t) ? i : best), 0);
+    const c = data.curve;
+    const marker = row && !dashed ? {recall: row.recall, precision: row.precision} : null;
     return {name: `${run} · step ${c.step}`, recall: c.recall, precision: c.precision, marker, dashed};
   });
   const historyRows = a.steps.map((step, i) => el('tr', {}, [el('td', {class: 'num', text: String(step)}),
