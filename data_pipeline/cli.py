@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--label-names", default=None, help="file with one label name per line")
     c.add_argument("--encoding", choices=["dense", "sparse"], default=None,
                    help="feature storage (default: sparse for sparse inputs, dense otherwise)")
+    c.add_argument("--hash-features", type=int, default=None, metavar="N",
+                   help="hash feature ids (or tokens) into N buckets, summing collisions; recorded in the manifest "
+                        "so that predict hashes its input the same way")
     _storage_flags(c)
     c.add_argument("--on-bad-features", choices=["fail", "skip"], default="fail")
     c.add_argument("--overwrite", action="store_true")
@@ -94,7 +97,7 @@ def convert_options(args: argparse.Namespace):
         encoding=args.encoding, feature_dtype=args.feature_dtype, block_size=args.block_size,
         on_bad_features=args.on_bad_features, overwrite=args.overwrite, label_names=args.label_names,
         labels_xml=args.labels_xml, label_columns=args.label_columns, num_labels=args.num_labels,
-        num_features=args.num_features, index_base=args.index_base)
+        num_features=args.num_features, index_base=args.index_base, hash_features=args.hash_features)
 
 
 def run_inspect(directory: str, allow_non_finite: bool, top: int) -> None:

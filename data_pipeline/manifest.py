@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.hashing import HashSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -106,6 +107,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     feature_dtype: str = "float32"  # stored dtype of the features (packed encodings: also float16, bfloat16)
     block_size: int = 0  # packed encodings: examples per block record (the last block of a shard may hold fewer)
+    # Features hashed into num_features buckets by the converter (data_pipeline/hashing.py), or None.
+    feature_hashing: HashSpec | None = None
 
     @property
     def packed(self) -> bool:
@@ -142,6 +145,11 @@ class Manifest:
             raise DataError(f"{path}: encoding '{self.feature_encoding}' needs a positive block_size")
         if len(self.label_names) != self.num_labels:
             raise DataError(f"{path}: {len(self.label_names)} label names for {self.num_labels} labels")
+        if self.feature_hashing is not None:
+            self.feature_hashing.check(f"{path}: feature_hashing")
+            if self.feature_hashing.buckets != self.num_features:
+                raise DataError(f"{path}: feature_hashing has {self.feature_hashing.buckets} buckets for "
+                                f"{self.num_features} features")
         if not self.splits:
             raise DataError(f"{path}: the dataset has no splits")
         for name, info in self.splits.items():
@@ -151,6 +159,10 @@ class Manifest:
             if len(info.label_counts) != self.num_labels:
                 raise DataError(f"{path}: split '{name}' has {len(info.label_counts)} label counts "
                                 f"for {self.num_labels} labels")
+
+
+def _hash_spec(raw) -> HashSpec | None:
+    return None if not raw else HashSpec(buckets=int(raw["buckets"]), hash=str(raw["hash"]))
 
 
 def write_manifest(directory: str, manifest: Manifest) -> str:
@@ -194,7 +206,8 @@ def read_manifest(directory: str) -> Manifest:
             label_names=[str(n) for n in raw["label_names"]], feature_encoding=raw["feature_encoding"],
             splits=splits, compression=raw.get("compression", ""), source=raw.get("source", ""),
             format_version=int(raw.get("format_version", FORMAT_VERSION)),
-            feature_dtype=raw.get("feature_dtype", "float32"), block_size=int(raw.get("block_size", 0)))
+            feature_dtype=raw.get("feature_dtype", "float32"), block_size=int(raw.get("block_size", 0)),
+            feature_hashing=_hash_spec(raw.get("feature_hashing")))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     manifest.validate(path)

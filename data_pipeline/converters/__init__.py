@@ -13,8 +13,9 @@ import os
 import re
 
 from data_pipeline import manifest as mf
-from data_pipeline.converters.common import ConvertOptions, read_label_names
+from data_pipeline.converters.common import ConvertOptions, hashed_source, read_label_names
 from data_pipeline.errors import DataError
+from data_pipeline.hashing import HashSpec
 from data_pipeline.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,15 @@ def convert(options: ConvertOptions) -> mf.Manifest:
     if os.path.exists(options.out) and not options.overwrite:
         raise DataError(f"{options.out}: already exists (pass --overwrite to replace it)")
     names = read_label_names(options.label_names) if options.label_names else None
+    hashing = None
+    if options.hash_features is not None:
+        hashing = HashSpec(options.hash_features)
+        hashing.check("--hash-features")
 
     module = importlib.import_module(f"data_pipeline.converters.{options.format}")
     source = module.open_source(paths, options, names)
+    if hashing is not None:
+        source = hashed_source(source, hashing)
     if names is not None:
         if len(names) != source.num_labels:
             raise DataError(f"{options.label_names}: {len(names)} label names for {source.num_labels} labels")
@@ -113,6 +120,7 @@ def convert(options: ConvertOptions) -> mf.Manifest:
                        overwrite=options.overwrite, source=source.description or f"{options.format}: {paths}",
                        on_bad_features=options.on_bad_features, feature_dtype=options.feature_dtype,
                        block_size=options.block_size) as writer:
+        writer.manifest.feature_hashing = hashing
         for split, path in zip(splits, paths):
             log.info("converting %s (%d records) into split '%s'", path, source.counts[path], split)
             writer.write_split(split, source.records(path, encoding), source.counts[path], options.shards)

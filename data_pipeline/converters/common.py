@@ -14,6 +14,7 @@ import numpy as np
 
 from data_pipeline import manifest as mf
 from data_pipeline.errors import DataError
+from data_pipeline.hashing import HashSpec, hash_features
 
 # One record as DatasetWriter.write_split wants it: (features, label indices, "file line N").
 Record = tuple[object, Sequence[int], str]
@@ -41,6 +42,8 @@ class ConvertOptions:
       num_labels: libsvm / npz: number of labels (default: from the data).
       num_features: libsvm: number of features (default: from the data).
       index_base: libsvm: index of the first feature, 0 or 1.
+      hash_features: hash the feature ids (or tokens) into this many buckets (data_pipeline/hashing.py), or
+        None to keep them.
     """
 
     format: str
@@ -60,6 +63,7 @@ class ConvertOptions:
     num_labels: int | None = None
     num_features: int | None = None
     index_base: int = 0
+    hash_features: int | None = None
 
 
 @dataclasses.dataclass
@@ -82,6 +86,18 @@ class Source:
     counts: dict[str, int]
     records: Callable[[str, str], Iterator[Record]]
     description: str = ""
+
+
+def hashed_source(source: Source, spec: HashSpec) -> Source:
+    """The source with every record's features (ids or tokens) hashed into ``spec.buckets`` features, the values
+    of colliding features summed (data_pipeline/hashing.py)."""
+    def records(path: str, encoding: str) -> Iterator[Record]:
+        for (keys, values), labels, where in source.records(path, mf.SPARSE):
+            buckets, summed = hash_features(keys, values, spec)
+            yield sparse_features(buckets, summed, spec.buckets, encoding, where), labels, where
+
+    return dataclasses.replace(source, num_features=spec.buckets, records=records,
+                               description=f"{source.description}; features hashed into {spec.buckets} buckets")
 
 
 def sparse_features(idx, val, num_features: int, encoding: str, where: str):
