@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split-eval", type=float, default=0.0, help="fraction written to an 'eval' split")
     g.add_argument("--workers", type=int, default=None, help="writer processes (default: CPU count)")
+    g.add_argument("--sparse", action="store_true",
+                   help="bag-of-words documents (Zipf word and label frequencies) in the sparse encoding")
+    g.add_argument("--nonzeros", type=int, default=100, help="--sparse: words per document (about its non-zeros)")
     _storage_flags(g)
     g.add_argument("--overwrite", action="store_true")
 
@@ -66,7 +69,8 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     """Rejects generate flags that cannot describe a dataset, naming the flag (argparse only checks types)."""
     for flag, value, low in (("--examples", args.examples, 1), ("--features", args.features, 1),
                              ("--labels", args.labels, 1), ("--shards", args.shards, 1), ("--seed", args.seed, 0),
-                             ("--workers", args.workers, 1), ("--block-size", args.block_size, 1)):
+                             ("--workers", args.workers, 1), ("--block-size", args.block_size, 1),
+                             ("--nonzeros", args.nonzeros, 1)):
         if value is not None and value < low:
             raise DataError(f"{flag}: must be >= {low} (got {value})")
     if not 0.0 <= args.split_eval < 1.0:
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             check_generate_flags(args)
             m = generate(args.out, args.examples, args.features, args.labels, args.shards, args.seed,
                          args.split_eval, overwrite=args.overwrite, workers=args.workers, layout=args.layout,
-                         feature_dtype=args.feature_dtype, block_size=args.block_size)
+                         feature_dtype=args.feature_dtype, block_size=args.block_size,
+                         sparse_nonzeros=args.nonzeros if args.sparse else None)
             print(f"wrote {args.out}: " + ", ".join(f"{k} {v.num_examples} examples in {len(v.shards)} shards"
                                                     for k, v in m.splits.items()))
         elif args.command == "convert":
