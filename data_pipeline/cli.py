@@ -33,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     _storage_flags(g)
     g.add_argument("--overwrite", action="store_true")
 
-    c = sub.add_parser("convert", help="convert ARFF / LIBSVM / CSV / NPZ files into a dataset")
-    c.add_argument("--format", required=True, choices=["arff", "libsvm", "csv", "npz"])
+    c = sub.add_parser("convert", help="convert ARFF / LIBSVM / CSV / NPZ files or a TFDS dataset into a dataset")
+    c.add_argument("--format", required=True, choices=["arff", "libsvm", "csv", "npz", "tfds"])
     c.add_argument("--input", required=True, nargs="+",
                    help="input files; split names come from the file names (train/test/eval/valid) "
                         "or from --splits")
@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--label-names", default=None, help="file with one label name per line")
     c.add_argument("--encoding", choices=["dense", "sparse"], default=None,
                    help="feature storage (default: sparse for sparse inputs, dense otherwise)")
+    c.add_argument("--feature-keys", nargs="+", default=(),
+                   help="tfds: feature key(s): numeric tensors, text or token ids (concatenated in this order)")
+    c.add_argument("--label-keys", nargs="+", default=(),
+                   help="tfds: one multi-hot or Sequence(ClassLabel) key, or several boolean keys (one per label)")
     c.add_argument("--hash-features", type=int, default=None, metavar="N",
                    help="hash feature ids (or tokens) into N buckets, summing collisions; recorded in the manifest "
                         "so that predict hashes its input the same way")
@@ -101,7 +105,8 @@ def convert_options(args: argparse.Namespace):
         encoding=args.encoding, feature_dtype=args.feature_dtype, block_size=args.block_size,
         on_bad_features=args.on_bad_features, overwrite=args.overwrite, label_names=args.label_names,
         labels_xml=args.labels_xml, label_columns=args.label_columns, num_labels=args.num_labels,
-        num_features=args.num_features, index_base=args.index_base, hash_features=args.hash_features)
+        num_features=args.num_features, index_base=args.index_base, hash_features=args.hash_features,
+        feature_keys=tuple(args.feature_keys), label_keys=tuple(args.label_keys))
 
 
 def run_inspect(directory: str, allow_non_finite: bool, top: int) -> None:
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TensorFlow Datasets' progress lines
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.command == "generate":

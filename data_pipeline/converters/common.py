@@ -44,6 +44,7 @@ class ConvertOptions:
       index_base: libsvm: index of the first feature, 0 or 1.
       hash_features: hash the feature ids (or tokens) into this many buckets (data_pipeline/hashing.py), or
         None to keep them.
+      feature_keys, label_keys: tfds: the features and the labels of the TFDS dataset (converters/tfds.py).
     """
 
     format: str
@@ -64,6 +65,8 @@ class ConvertOptions:
     num_features: int | None = None
     index_base: int = 0
     hash_features: int | None = None
+    feature_keys: tuple[str, ...] = ()
+    label_keys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -74,9 +77,11 @@ class Source:
       num_features, num_labels: dataset shape, fixed before anything is written.
       label_names: one name per label, or None for the default names.
       sparse: whether the input is naturally sparse (decides the default encoding).
-      counts: number of records of each input path (first pass).
-      records: ``records(path, encoding)`` yields the Records of one file in the given encoding.
+      counts: number of records of each input path (first pass), or of each part of ``splits``.
+      records: ``records(path, encoding)`` yields the Records of one file (or part) in the given encoding.
       description: what the data came from, recorded in the manifest.
+      splits: for an input that holds several splits (TFDS): split name -> the part to pass to ``records``;
+        None: one split per input file (converters.split_names).
     """
 
     num_features: int
@@ -86,6 +91,7 @@ class Source:
     counts: dict[str, int]
     records: Callable[[str, str], Iterator[Record]]
     description: str = ""
+    splits: dict[str, str] | None = None
 
 
 def hashed_source(source: Source, spec: HashSpec) -> Source:
