@@ -6,8 +6,9 @@ lives here: feature and label counts, label names, the feature encoding (with, f
 feature dtype and the block size), examples per shard and per-label positive counts (for ``pos_weight`` and
 head/torso/tail buckets).
 
-We keep our own JSON manifest rather than tensorflow-datasets metadata because TFDS dictates its own file
-naming and per-feature serialization, and carries no per-label positive counts. The records themselves are
+We keep our own JSON manifest because TFDS metadata carries no per-label positive counts and cannot describe a
+record holding a block of examples; the TFDS metadata written beside it (data_pipeline/tfds_metadata.py) lets
+TFDS tools open the same shards. The records themselves are
 plain ``tf.train.Example`` protos that any TensorFlow tool can parse (``tf.io.parse_example`` with the
 FixedLenFeature/VarLenFeature specs the encodings below name); in the packed encodings one proto holds a
 block of examples (data_pipeline/packed.py).
