@@ -10,14 +10,20 @@ template ``{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}``:
   ``n`` and ``id`` (int64), the byte strings ``y``, ``yp``, ``xi``, ``xv``, ``xp`` and ``x`` (bytes, or
   float32 [block_size * F] for float32 dense features), as data_pipeline/packed.py defines them. The split sizes
   TFDS reports are then blocks, not examples; the manifest keeps the example counts.
+
+Where tensorflow_datasets does not import (the Horovod environment: TensorFlow 2.18's protobuf is older than
+TFDS's metadata protos need), the dataset is written without it and a warning says so.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 from data_pipeline import manifest as mf
+
+log = logging.getLogger(__name__)
 
 FILE_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"  # matches mf.shard_name
 
@@ -60,8 +66,12 @@ def write_tfds_metadata(directory: str, m: mf.Manifest, name: str) -> None:
       m: its manifest (splits complete).
       name: the dataset's name for TFDS (made a valid identifier).
     """
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow_datasets as tfds
+    except Exception as e:  # noqa: BLE001 - e.g. the Horovod environment's protobuf is too old for it
+        log.warning("no TFDS metadata written: tensorflow_datasets does not import here (%s: %s)",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return
     name = re.sub(r"\W+", "_", name).strip("_").lower() or "dataset"
     template = tfds.core.ShardedFileTemplate(data_dir=directory, template=FILE_TEMPLATE, dataset_name=name,
                                              filetype_suffix="tfrecord")
