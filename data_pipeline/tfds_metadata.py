@@ -68,6 +68,7 @@ def write_tfds_metadata(directory: str, m: mf.Manifest, name: str) -> None:
     """
     try:
         import tensorflow_datasets as tfds
+        import tensorflow_datasets.core  # noqa: F401 - the lazy package import does not load its protos
     except Exception as e:  # noqa: BLE001 - e.g. the Horovod environment's protobuf is too old for it
         log.warning("no TFDS metadata written: tensorflow_datasets does not import here (%s: %s)",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
