@@ -27,11 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--split-eval", type=float, default=0.0, help="fraction written to an 'eval' split")
     g.add_argument("--workers", type=int, default=None, help="writer processes (default: CPU count)")
+    g.add_argument("--sparse", action="store_true",
+                   help="bag-of-words documents (Zipf word and label frequencies) in the sparse encoding")
+    g.add_argument("--nonzeros", type=int, default=100, help="--sparse: words per document (about its non-zeros)")
     _storage_flags(g)
     g.add_argument("--overwrite", action="store_true")
 
-    c = sub.add_parser("convert", help="convert ARFF / LIBSVM / CSV / NPZ files into a dataset")
-    c.add_argument("--format", required=True, choices=["arff", "libsvm", "csv", "npz"])
+    c = sub.add_parser("convert", help="convert ARFF / LIBSVM / CSV / NPZ files or a TFDS dataset into a dataset")
+    c.add_argument("--format", required=True, choices=["arff", "libsvm", "csv", "npz", "tfds"])
     c.add_argument("--input", required=True, nargs="+",
                    help="input files; split names come from the file names (train/test/eval/valid) "
                         "or from --splits")
@@ -48,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--label-names", default=None, help="file with one label name per line")
     c.add_argument("--encoding", choices=["dense", "sparse"], default=None,
                    help="feature storage (default: sparse for sparse inputs, dense otherwise)")
+    c.add_argument("--feature-keys", nargs="+", default=(),
+                   help="tfds: feature key(s): numeric tensors, text or token ids (concatenated in this order)")
+    c.add_argument("--label-keys", nargs="+", default=(),
+                   help="tfds: one multi-hot or Sequence(ClassLabel) key, or several boolean keys (one per label)")
+    c.add_argument("--hash-features", type=int, default=None, metavar="N",
+                   help="hash feature ids (or tokens) into N buckets, summing collisions; recorded in the manifest "
+                        "so that predict hashes its input the same way")
     _storage_flags(c)
     c.add_argument("--on-bad-features", choices=["fail", "skip"], default="fail")
     c.add_argument("--overwrite", action="store_true")
@@ -63,7 +73,8 @@ def check_generate_flags(args: argparse.Namespace) -> None:
     """Rejects generate flags that cannot describe a dataset, naming the flag (argparse only checks types)."""
     for flag, value, low in (("--examples", args.examples, 1), ("--features", args.features, 1),
                              ("--labels", args.labels, 1), ("--shards", args.shards, 1), ("--seed", args.seed, 0),
-                             ("--workers", args.workers, 1), ("--block-size", args.block_size, 1)):
+                             ("--workers", args.workers, 1), ("--block-size", args.block_size, 1),
+                             ("--nonzeros", args.nonzeros, 1)):
         if value is not None and value < low:
             raise DataError(f"{flag}: must be >= {low} (got {value})")
     if not 0.0 <= args.split_eval < 1.0:
@@ -94,7 +105,8 @@ def convert_options(args: argparse.Namespace):
         encoding=args.encoding, feature_dtype=args.feature_dtype, block_size=args.block_size,
         on_bad_features=args.on_bad_features, overwrite=args.overwrite, label_names=args.label_names,
         labels_xml=args.labels_xml, label_columns=args.label_columns, num_labels=args.num_labels,
-        num_features=args.num_features, index_base=args.index_base)
+        num_features=args.num_features, index_base=args.index_base, hash_features=args.hash_features,
+        feature_keys=tuple(args.feature_keys), label_keys=tuple(args.label_keys))
 
 
 def run_inspect(directory: str, allow_non_finite: bool, top: int) -> None:
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # TensorFlow Datasets' progress lines
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.command == "generate":
@@ -130,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             check_generate_flags(args)
             m = generate(args.out, args.examples, args.features, args.labels, args.shards, args.seed,
                          args.split_eval, overwrite=args.overwrite, workers=args.workers, layout=args.layout,
-                         feature_dtype=args.feature_dtype, block_size=args.block_size)
+                         feature_dtype=args.feature_dtype, block_size=args.block_size,
+                         sparse_nonzeros=args.nonzeros if args.sparse else None)
             print(f"wrote {args.out}: " + ", ".join(f"{k} {v.num_examples} examples in {len(v.shards)} shards"
                                                     for k, v in m.splits.items()))
         elif args.command == "convert":

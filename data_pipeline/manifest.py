@@ -6,8 +6,9 @@ lives here: feature and label counts, label names, the feature encoding (with, f
 feature dtype and the block size), examples per shard and per-label positive counts (for ``pos_weight`` and
 head/torso/tail buckets).
 
-We keep our own JSON manifest rather than tensorflow-datasets metadata because TFDS dictates its own file
-naming and per-feature serialization, and carries no per-label positive counts. The records themselves are
+We keep our own JSON manifest because TFDS metadata carries no per-label positive counts and cannot describe a
+record holding a block of examples; the TFDS metadata written beside it (data_pipeline/tfds_metadata.py) lets
+TFDS tools open the same shards. The records themselves are
 plain ``tf.train.Example`` protos that any TensorFlow tool can parse (``tf.io.parse_example`` with the
 FixedLenFeature/VarLenFeature specs the encodings below name); in the packed encodings one proto holds a
 block of examples (data_pipeline/packed.py).
@@ -21,6 +22,7 @@ import os
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.hashing import HashSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -106,6 +108,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     feature_dtype: str = "float32"  # stored dtype of the features (packed encodings: also float16, bfloat16)
     block_size: int = 0  # packed encodings: examples per block record (the last block of a shard may hold fewer)
+    # Features hashed into num_features buckets by the converter (data_pipeline/hashing.py), or None.
+    feature_hashing: HashSpec | None = None
 
     @property
     def packed(self) -> bool:
@@ -152,6 +156,11 @@ class Manifest:
             raise DataError(f"{path}: encoding '{self.feature_encoding}' needs a positive block_size")
         if len(self.label_names) != self.num_labels:
             raise DataError(f"{path}: {len(self.label_names)} label names for {self.num_labels} labels")
+        if self.feature_hashing is not None:
+            self.feature_hashing.check(f"{path}: feature_hashing")
+            if self.feature_hashing.buckets != self.num_features:
+                raise DataError(f"{path}: feature_hashing has {self.feature_hashing.buckets} buckets for "
+                                f"{self.num_features} features")
         if not self.splits:
             raise DataError(f"{path}: the dataset has no splits")
         for name, info in self.splits.items():
@@ -161,6 +170,10 @@ class Manifest:
             if len(info.label_counts) != self.num_labels:
                 raise DataError(f"{path}: split '{name}' has {len(info.label_counts)} label counts "
                                 f"for {self.num_labels} labels")
+
+
+def _hash_spec(raw) -> HashSpec | None:
+    return None if not raw else HashSpec(buckets=int(raw["buckets"]), hash=str(raw["hash"]))
 
 
 def write_manifest(directory: str, manifest: Manifest) -> str:
@@ -204,7 +217,8 @@ def read_manifest(directory: str) -> Manifest:
             label_names=[str(n) for n in raw["label_names"]], feature_encoding=raw["feature_encoding"],
             splits=splits, compression=raw.get("compression", ""), source=raw.get("source", ""),
             format_version=int(raw.get("format_version", FORMAT_VERSION)),
-            feature_dtype=raw.get("feature_dtype", "float32"), block_size=int(raw.get("block_size", 0)))
+            feature_dtype=raw.get("feature_dtype", "float32"), block_size=int(raw.get("block_size", 0)),
+            feature_hashing=_hash_spec(raw.get("feature_hashing")))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     manifest.validate(path)

@@ -1,7 +1,8 @@
 """Writing dataset directories: TFRecord shards plus a manifest, atomically.
 
 A DatasetWriter writes into ``<out>.tmp-<pid>`` and renames it to ``<out>`` only when every split is
-complete, so a crash never leaves a half-written dataset that looks whole. New datasets are packed
+complete, so a crash never leaves a half-written dataset that looks whole. Beside the manifest it writes the
+metadata TensorFlow Datasets needs to open the directory (data_pipeline/tfds_metadata.py). New datasets are packed
 (data_pipeline/packed.py: a record holds a block of examples) unless an encoding of one example per record is
 asked for.
 """
@@ -17,6 +18,7 @@ import numpy as np
 from data_pipeline import manifest as mf
 from data_pipeline import packed
 from data_pipeline.errors import DataError
+from data_pipeline.tfds_metadata import write_tfds_metadata
 
 
 def encode_example(features, labels: Sequence[int], encoding: str) -> bytes:
@@ -310,6 +312,7 @@ class DatasetWriter:
         for name, info in self.manifest.splits.items():
             if info.num_examples == 0:
                 raise DataError(f"{self.out_dir}: split '{name}' is empty")
+        write_tfds_metadata(self.tmp_dir, self.manifest, os.path.basename(self.out_dir))
         mf.write_manifest(self.tmp_dir, self.manifest)
         if os.path.exists(self.out_dir):
             shutil.rmtree(self.out_dir)

@@ -1,6 +1,6 @@
 """Converters from common multi-label file formats into dataset directories.
 
-One module per format (``arff``, ``libsvm``, ``csv``, ``npz``); each turns its input files into a
+One module per format (``arff``, ``libsvm``, ``csv``, ``npz``, ``tfds``); each turns its input files into a
 ``common.Source``, reading its format's options off a ``ConvertOptions``. ``convert`` decides the split of each file, runs the first pass (counts and shape) and
 writes every split through one DatasetWriter, so a failure at any record leaves no dataset at ``--out``.
 """
@@ -13,13 +13,15 @@ import os
 import re
 
 from data_pipeline import manifest as mf
-from data_pipeline.converters.common import ConvertOptions, read_label_names
+from data_pipeline.converters.common import ConvertOptions, hashed_source, read_label_names
 from data_pipeline.errors import DataError
+from data_pipeline.hashing import HashSpec
 from data_pipeline.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("arff", "libsvm", "csv", "npz")
+FORMATS = ("arff", "libsvm", "csv", "npz", "tfds")
+DIRECTORY_FORMATS = ("tfds",)  # formats whose one input is a directory holding every split
 
 # Words in a file name that decide its split, checked in this order. "val" must be a whole word so that
 # e.g. "interval.csv" is not taken for an eval split.
@@ -88,24 +90,34 @@ def convert(options: ConvertOptions) -> mf.Manifest:
     if options.format not in FORMATS:
         raise DataError(f"unknown format '{options.format}' (one of {', '.join(FORMATS)})")
     paths = [str(p) for p in options.inputs]
+    directory = options.format in DIRECTORY_FORMATS
     for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such input file")
-    splits = split_names(paths, list(options.splits) if options.splits is not None else None)
+        if not (os.path.isdir(path) if directory else os.path.isfile(path)):
+            raise DataError(f"{path}: no such input {'directory' if directory else 'file'}")
+    if directory and options.splits is not None:
+        raise DataError(f"--splits: not used by --format {options.format} (its splits are the dataset's)")
+    splits = None if directory else split_names(paths, list(options.splits) if options.splits is not None else None)
     # Checked here as well as in DatasetWriter so that a long first pass is not wasted.
     if os.path.exists(options.out) and not options.overwrite:
         raise DataError(f"{options.out}: already exists (pass --overwrite to replace it)")
     names = read_label_names(options.label_names) if options.label_names else None
+    hashing = None
+    if options.hash_features is not None:
+        hashing = HashSpec(options.hash_features)
+        hashing.check("--hash-features")
 
     module = importlib.import_module(f"data_pipeline.converters.{options.format}")
     source = module.open_source(paths, options, names)
+    if hashing is not None:
+        source = hashed_source(source, hashing)
     if names is not None:
         if len(names) != source.num_labels:
             raise DataError(f"{options.label_names}: {len(names)} label names for {source.num_labels} labels")
         source.label_names = names
-    for path in paths:
-        if source.counts[path] == 0:
-            raise DataError(f"{path}: no records")
+    parts = list(source.splits.items()) if source.splits is not None else list(zip(splits, paths))
+    for _, part in parts:
+        if source.counts[part] == 0:
+            raise DataError(f"{part}: no records")
 
     sparse = source.sparse if options.encoding is None else options.encoding == "sparse"
     encoding = mf.encoding_for(options.layout, sparse)
@@ -113,7 +125,8 @@ def convert(options: ConvertOptions) -> mf.Manifest:
                        overwrite=options.overwrite, source=source.description or f"{options.format}: {paths}",
                        on_bad_features=options.on_bad_features, feature_dtype=options.feature_dtype,
                        block_size=options.block_size) as writer:
-        for split, path in zip(splits, paths):
+        writer.manifest.feature_hashing = hashing
+        for split, path in parts:
             log.info("converting %s (%d records) into split '%s'", path, source.counts[path], split)
             writer.write_split(split, source.records(path, encoding), source.counts[path], options.shards)
     if writer.num_skipped:

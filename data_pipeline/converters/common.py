@@ -14,6 +14,7 @@ import numpy as np
 
 from data_pipeline import manifest as mf
 from data_pipeline.errors import DataError
+from data_pipeline.hashing import HashSpec, hash_features
 
 # One record as DatasetWriter.write_split wants it: (features, label indices, "file line N").
 Record = tuple[object, Sequence[int], str]
@@ -41,6 +42,9 @@ class ConvertOptions:
       num_labels: libsvm / npz: number of labels (default: from the data).
       num_features: libsvm: number of features (default: from the data).
       index_base: libsvm: index of the first feature, 0 or 1.
+      hash_features: hash the feature ids (or tokens) into this many buckets (data_pipeline/hashing.py), or
+        None to keep them.
+      feature_keys, label_keys: tfds: the features and the labels of the TFDS dataset (converters/tfds.py).
     """
 
     format: str
@@ -60,6 +64,9 @@ class ConvertOptions:
     num_labels: int | None = None
     num_features: int | None = None
     index_base: int = 0
+    hash_features: int | None = None
+    feature_keys: tuple[str, ...] = ()
+    label_keys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -70,9 +77,11 @@ class Source:
       num_features, num_labels: dataset shape, fixed before anything is written.
       label_names: one name per label, or None for the default names.
       sparse: whether the input is naturally sparse (decides the default encoding).
-      counts: number of records of each input path (first pass).
-      records: ``records(path, encoding)`` yields the Records of one file in the given encoding.
+      counts: number of records of each input path (first pass), or of each part of ``splits``.
+      records: ``records(path, encoding)`` yields the Records of one file (or part) in the given encoding.
       description: what the data came from, recorded in the manifest.
+      splits: for an input that holds several splits (TFDS): split name -> the part to pass to ``records``;
+        None: one split per input file (converters.split_names).
     """
 
     num_features: int
@@ -82,6 +91,19 @@ class Source:
     counts: dict[str, int]
     records: Callable[[str, str], Iterator[Record]]
     description: str = ""
+    splits: dict[str, str] | None = None
+
+
+def hashed_source(source: Source, spec: HashSpec) -> Source:
+    """The source with every record's features (ids or tokens) hashed into ``spec.buckets`` features, the values
+    of colliding features summed (data_pipeline/hashing.py)."""
+    def records(path: str, encoding: str) -> Iterator[Record]:
+        for (keys, values), labels, where in source.records(path, mf.SPARSE):
+            buckets, summed = hash_features(keys, values, spec)
+            yield sparse_features(buckets, summed, spec.buckets, encoding, where), labels, where
+
+    return dataclasses.replace(source, num_features=spec.buckets, records=records,
+                               description=f"{source.description}; features hashed into {spec.buckets} buckets")
 
 
 def sparse_features(idx, val, num_features: int, encoding: str, where: str):
