@@ -116,8 +116,8 @@ def run_in_memory(args, cfg: config_lib.Config, manifest: mf.Manifest, precision
     """(a): the trainer's model, optimizer and one-device train function on one batch held in memory."""
     policy = precision_lib.apply_policy(precision)
     backend = make_backend("one_device")
-    batch = next(iter(reader.make_dataset(args.data_dirs["packed"], "train", cfg.train.batch_size, options=reader.ReaderOptions(
-        shuffle=False, repeat=True, drop_remainder=True))))
+    options = reader.ReaderOptions(shuffle=False, repeat=True, drop_remainder=True)
+    batch = next(iter(reader.make_dataset(args.data_dirs["packed"], "train", cfg.train.batch_size, options=options)))
     batch = tuple(tf.identity(t) for t in batch)  # Materialised once, outside any pipeline.
     total = args.warmup_steps + args.steps
     with backend.scope():
@@ -295,8 +295,8 @@ def report(args, runs: dict, flops: float, device: str, precision: str, cfg) -> 
            "steps_per_call": cfg.train.steps_per_call, "jit_compile": cfg.train.jit_compile,
            "model": [args.features, *args.model_hidden, args.labels], "data_dirs": args.data_dirs,
            "peak_tflops": args.peak_tflops, "load_average_end": os.getloadavg()[0], "results": res}
-    for key, name in (("in_memory_ex_s", f"in_memory/b{b}"), ("trainer_ex_s", f"trainer/one_device/stream_example/b{b}"),
-                      ("keras_baseline_ex_s", f"keras/b{b}"),
+    for key, name in (("in_memory_ex_s", f"in_memory/b{b}"),
+                      ("trainer_ex_s", f"trainer/one_device/stream_example/b{b}"), ("keras_baseline_ex_s", f"keras/b{b}"),
                       ("trainer_mirrored_ex_s", f"trainer/mirrored/stream_example/b{b}")):
         if name in res:
             out[key] = res[name]["ex_s"]
