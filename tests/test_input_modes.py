@@ -21,7 +21,7 @@ from data_pipeline import reader
 from data_pipeline.errors import DataError
 from trainer import cli, inputs
 from trainer.backends import make_backend
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 
 BATCH = 32  # 2400 train examples: 75 steps per epoch, no remainder
 STEPS_PER_EPOCH = 75
@@ -169,6 +169,10 @@ def test_auto_streams_when_the_share_exceeds_the_budget(tiny_data):
     assert train_input.mode == "stream"
     assert inputs.resolve_mode(config("data.input_mode=device", "data.memory_budget_mib=0"), backend,
                                tiny_data) == "device"  # an explicit mode is taken as given
+    # A split smaller than one batch streams (the reader repeats its examples); memory modes refuse it.
+    assert inputs.resolve_mode(config("train.batch_size=4096"), backend, tiny_data) == "stream"
+    with pytest.raises(ConfigError, match="data.input_mode: memory holds this worker's 2400 training examples"):
+        inputs.make_training_input(config("data.input_mode=memory"), backend, tiny_data, 4096)
 
 
 def test_bad_input_mode_is_a_one_line_config_error(tiny_data, tmp_path, capsys):

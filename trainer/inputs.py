@@ -28,11 +28,12 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from data_pipeline import manifest as mf
 from data_pipeline import memory
 from data_pipeline import reader
 from data_pipeline import rows as rows_lib
-from data_pipeline.errors import DataError
 from trainer.backends import Backend
+from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ def process_input_context(backend: Backend) -> tf.distribute.InputContext:
 
 
 def resolve_mode(cfg, backend: Backend, data_dir: str) -> str:
-    """data.input_mode with ``auto`` resolved (see the module docstring)."""
+    """data.input_mode with ``auto`` resolved (see the module docstring; a share smaller than one step's batch
+    streams too: the reader repeats the examples within a batch)."""
     mode = cfg.data.input_mode
     if mode != "auto":
         return mode
+    if _share_examples(cfg, backend, data_dir) < cfg.train.batch_size // backend.num_workers:
+        return "stream"
     need = memory.estimate_bytes(data_dir, cfg.data.train_split, process_input_context(backend),
                                  cfg.data.validation_fraction, "exclude")
     mode = "memory" if need <= cfg.data.memory_budget_mib * _MIB else "stream"
@@ -69,13 +73,27 @@ def resolve_mode(cfg, backend: Backend, data_dir: str) -> str:
     return mode
 
 
+def _share_examples(cfg, backend: Backend, data_dir: str) -> float:
+    """About how many training examples this process holds (the split's share less the expected holdout)."""
+    examples = mf.read_manifest(data_dir).split(cfg.data.train_split, data_dir).num_examples
+    return examples * (1.0 - cfg.data.validation_fraction) / backend.num_workers
+
+
 def make_training_input(cfg, backend: Backend, data_dir: str, global_batch: int) -> "TrainingInput":
-    """The training input of data.input_mode; the memory modes read their data here."""
+    """The training input of data.input_mode; the memory modes read their data here.
+
+    Raises:
+      ConfigError: a memory mode whose share makes no batch of this process' replicas.
+    """
     mode = resolve_mode(cfg, backend, data_dir)
     options = training_reader_options(cfg)
     if mode == "stream":
         return StreamInput(backend, data_dir, cfg.data.train_split, global_batch, options)
     data = load_share(data_dir, cfg.data.train_split, backend, options)
+    step_batch = global_batch // backend.num_workers
+    if data.num_examples < step_batch:
+        raise ConfigError(f"data.input_mode: {mode} holds this worker's {data.num_examples} training examples, "
+                          f"fewer than its batch of {step_batch} (train.batch_size); stream repeats them instead")
     seed = cfg.train.seed + _STREAM_ID_STRIDE * backend.worker_index
     if mode == "memory":
         return HostMemoryInput(backend, data, global_batch, seed, options)
@@ -155,9 +173,6 @@ class DeviceInput(TrainingInput):
         self.parts = []
         for r, device in enumerate(backend.local_devices):
             part = data if local == 1 else select_rows(data, np.arange(r, data.num_examples, local))
-            if part.num_examples < self.per_replica_batch:
-                raise DataError(f"data.input_mode=device: replica {r} holds {part.num_examples} examples, fewer "
-                                f"than its batch of {self.per_replica_batch}")
             with tf.device(device):
                 tensors = {k: tf.identity(v) for k, v in part.tensors().items()}
                 permutation = tf.Variable(tf.zeros([part.num_examples], tf.int64), trainable=False)
