@@ -40,7 +40,7 @@ if HVD_ENV is None:
 PYTHON = str(HVD_ENV / "bin" / "python")
 HOROVODRUN = str(HVD_ENV / "bin" / "horovodrun")
 BATCH = 32  # global; 16 per rank
-COMMON = ["--config", "configs/tiny.yaml",
+COMMON = ["--config", "configs/tiny.yaml", "--set", "data.input_mode=stream",  # the reader (memory: test_input_modes)
           "--set", "data.shuffle=false", "--set", "data.cycle_length=2", "--set", f"data.block_length={BATCH // 2}",
           "--set", f"train.batch_size={BATCH}", "--set", "train.deterministic=true",
           "--set", "train.log_every_steps=5", "--set", "checkpoint.every_steps=5",

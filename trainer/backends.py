@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
+PREFETCH_TO_DEVICE = 2  # batches held on (or being copied to) each replica's device
+
 # The distribution names (train.distribution, --distribution); "auto" picks one of them (resolve_distribution).
 DISTRIBUTIONS = ("one_device", "mirrored", "multi_worker", "horovod")
 
@@ -58,12 +60,24 @@ class Backend:
         directory; MultiWorkerMirroredStrategy needs every worker to write one)."""
         return True
 
+    @property
+    def local_devices(self) -> list[str]:
+        """The devices of this process' replicas, in local replica order."""
+        return ["/CPU:0"]
+
+    def local_replica_index(self) -> int:
+        """Inside ``run``'s function: which of this process' replicas runs it (a Python int, for choosing
+        that replica's data)."""
+        return 0
+
     def scope(self):
         """Context in which the model, the optimizer and the training counters are created."""
         return contextlib.nullcontext()
 
     def distribute_dataset(self, dataset_fn: Callable):
-        """Returns an iterable of batches for this process from ``dataset_fn(tf.distribute.InputContext)``."""
+        """Returns an iterable of batches for this process from ``dataset_fn(tf.distribute.InputContext)``,
+        prefetched to the replicas' devices (PREFETCH_TO_DEVICE batches each), so that the copy of the next
+        batch overlaps the current step."""
         raise NotImplementedError
 
     def run(self, fn, args):
@@ -129,11 +143,25 @@ class StrategyBackend(Backend):
             self.is_chief = task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
             self.worker_index = task_id + (1 if has_chief and task_type == "worker" else 0)
 
+    @property
+    def local_devices(self) -> list[str]:
+        return list(self.strategy.extended.worker_devices)
+
+    def local_replica_index(self) -> int:
+        import tensorflow as tf
+
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return int(tf.get_static_value(replica_id)) % self.local_replicas
+
     def scope(self):
         return self.strategy.scope()
 
     def distribute_dataset(self, dataset_fn):
-        return self.strategy.distribute_datasets_from_function(dataset_fn)
+        import tensorflow as tf
+
+        options = tf.distribute.InputOptions(experimental_fetch_to_device=True,
+                                             experimental_per_replica_buffer_size=PREFETCH_TO_DEVICE)
+        return self.strategy.distribute_datasets_from_function(dataset_fn, options=options)
 
     def run(self, fn, args):
         return self.strategy.run(fn, args=args)
@@ -204,6 +232,11 @@ class HorovodBackend(Backend):
         self.worker_index = hvd.rank()
         self.is_chief = hvd.rank() == 0
         self.compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
+        self._device = "/GPU:0" if gpus else "/CPU:0"
+
+    @property
+    def local_devices(self) -> list[str]:
+        return [self._device]
 
     @property
     def restores_checkpoints(self) -> bool:
@@ -219,7 +252,7 @@ class HorovodBackend(Backend):
         ctx = tf.distribute.InputContext(num_input_pipelines=self.num_workers,
                                          input_pipeline_id=self.worker_index,
                                          num_replicas_in_sync=self.num_replicas)
-        return dataset_fn(ctx)
+        return dataset_fn(ctx).apply(tf.data.experimental.prefetch_to_device(self._device, PREFETCH_TO_DEVICE))
 
     def run(self, fn, args):
         return fn(*args)

@@ -55,6 +55,11 @@ class DataConfig:
     block_length: int = 16  # consecutive records taken from one file before moving to the next
     cache: bool = False
     on_bad_features: str = "fail"  # fail | skip
+    # How training reads its data (README, "Input modes"): stream from the shards every epoch, or hold this
+    # worker's share of the train split in host memory or on the replicas' devices; auto = memory when the
+    # share fits memory_budget_mib (per worker), else stream.
+    input_mode: str = "auto"  # auto | stream | memory | device
+    memory_budget_mib: float = 4096.0
 
 
 @dataclasses.dataclass
@@ -142,6 +147,7 @@ CHOICES = {  # allowed values of the keys that take one of a few names
     "model.input_transform": {"none", "log1p", "l2_normalize", "log1p_l2"},
     "model.output_bias": {"prior", "zeros"},
     "data.on_bad_features": {"fail", "skip"},
+    "data.input_mode": {"auto", "stream", "memory", "device"},
     "optimizer.name": {"adam", "adamw"},
     "optimizer.lr_scaling": {"linear", "sqrt", "none"},
     "optimizer.decay": {"cosine", "linear", "constant"},
@@ -216,6 +222,7 @@ def validate(cfg: Config) -> Config:
         ("data.shuffle_buffer", cfg.data.shuffle_buffer >= 1, "must be >= 1"),
         ("data.cycle_length", cfg.data.cycle_length >= 1, "must be >= 1"),
         ("data.block_length", cfg.data.block_length >= 1, "must be >= 1"),
+        ("data.memory_budget_mib", cfg.data.memory_budget_mib >= 0, "must be >= 0"),
         ("data.validation_fraction", 0 <= cfg.data.validation_fraction < 1, "must be in [0, 1)"),
         ("optimizer.learning_rate", cfg.optimizer.learning_rate > 0, "must be > 0"),
         ("optimizer.base_batch_size", cfg.optimizer.base_batch_size > 0, "must be > 0"),

@@ -5,10 +5,10 @@ summing gradients over replicas gives the mean gradient), lets the backend reduc
 optimizer does not, and applies them. Statistics leave the step as sums, reduced over all replicas and
 workers by the backend, so every reported number is global, never one rank's share.
 
-How a replica gets its (x, y) is decided in one place, ``replica_batch``: today the backend's distributed
-iterator hands every replica its own batch. An input mode whose data sits in host or device memory would
-hand out batch indices instead and gather the rows there; features may be dense tensors or tf.SparseTensors,
-which the step passes to the model as they are.
+How a replica gets its (x, y) from what the call's iterator handed it is the training input's
+``replica_batch`` (trainer/inputs.py), passed in by the caller: the batch itself when it was read on the host,
+or a batch index when the data sits on the replica's device and the rows are gathered there, inside the step.
+Features may be dense tensors or tf.SparseTensors, which the step passes to the model as they are.
 """
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ def probabilities(model: keras.Model, x) -> tf.Tensor:
     return tf.sigmoid(inference_logits(model, x))
 
 
-def replica_batch(element):
-    """The (features, labels) a replica trains on, from what the call handed it (see module docstring)."""
+def batch_as_given(element):
+    """The (features, labels) of an element that is the batch itself."""
     x, y = element
     return x, y
 
 
-def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn,
-                        global_batch_size: int, jit_compile: bool = False) -> Callable[..., CallStats]:
+def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn, global_batch_size: int,
+                        jit_compile: bool = False, replica_batch: Callable = batch_as_given
+                        ) -> Callable[..., CallStats]:
     """Builds ``train_call(iterator, num_steps) -> CallStats``.
 
     Args:
@@ -65,6 +66,8 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
       loss_fn: (labels, logits) -> [B] per-example loss.
       global_batch_size: batch over all replicas; the loss is divided by it.
       jit_compile: XLA-compile the forward and backward pass.
+      replica_batch: element of the iterator -> (features, labels), run in the replica step (see module
+        docstring).
 
     Returns:
       A function running ``num_steps`` steps, each on the next element of ``iterator`` (from

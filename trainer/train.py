@@ -32,7 +32,7 @@ import tensorflow as tf
 from data_pipeline import manifest as mf
 from data_pipeline import reader
 from trainer import config as config_lib
-from trainer import evaluation, export, precision
+from trainer import evaluation, export, inputs, precision
 from trainer import preflight
 from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
@@ -228,6 +228,7 @@ class _Run:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     position: Position
+    train_input: inputs.TrainingInput
     train_call: Callable[..., CallStats]
     keeper: CheckpointKeeper
     evaluator: evaluation.Evaluator | None
@@ -260,6 +261,7 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
                     "thresholds): pass --eval-data DIR with an 'eval' split, or --set data.validation_fraction=0.1")
     _check_run_info(model_dir, manifest, cfg)
     os.makedirs(model_dir, exist_ok=True)  # Only once the config and the data have passed their checks.
+    train_input = inputs.make_training_input(cfg, backend, data_dir, plan.global_batch)
 
     # Model, loss, optimizer, counters.
     with backend.scope():
@@ -276,13 +278,14 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     loss_fn = MultiLabelLoss(cfg.loss, manifest.num_labels, train_info.label_counts, train_info.num_examples)
 
     # Train and eval functions, checkpoints.
-    train_call = make_train_function(backend, model, optimizer, loss_fn, plan.global_batch, cfg.train.jit_compile)
+    train_call = make_train_function(backend, model, optimizer, loss_fn, plan.global_batch, cfg.train.jit_compile,
+                                     train_input.replica_batch)
     evaluator = evaluation.Evaluator(backend, model, loss_fn, manifest, cfg) if eval_source else None
     keeper = CheckpointKeeper(model_dir, backend, cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds,
                               cfg.checkpoint.keep, model=model, optimizer=optimizer, **position.trackables())
     early_stopping = evaluation.EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_metric)
-    return _Run(cfg, data_dir, model_dir, backend, policy, manifest, plan, model, optimizer, position, train_call,
-                keeper, evaluator, eval_source, early_stopping)
+    return _Run(cfg, data_dir, model_dir, backend, policy, manifest, plan, model, optimizer, position, train_input,
+                train_call, keeper, evaluator, eval_source, early_stopping)
 
 
 def _lock_model_dir(backend: Backend, dir_lock: ModelDirLock) -> None:
@@ -362,21 +365,8 @@ def _loop(run: _Run, stop: _StopFlag) -> str:
 
 def _epoch_input(run: _Run):
     """This process' iterator over the current epoch, from the epoch's position on (a resumed run skips the
-    batches its steps already took). The epoch number enters the reader's shuffle seed."""
-    cfg, position = run.cfg, run.position
-    options = reader.ReaderOptions(
-        shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
-        deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache, drop_remainder=True,
-        cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
-        on_bad_features=cfg.data.on_bad_features, holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
-    epoch, skip = position.epoch, position.in_epoch * run.backend.local_replicas
-
-    def dataset_fn(ctx):
-        return reader.make_dataset(run.data_dir, cfg.data.train_split,
-                                   ctx.get_per_replica_batch_size(run.plan.global_batch), ctx, options, epoch=epoch,
-                                   skip_batches=skip)
-
-    return iter(run.backend.distribute_dataset(dataset_fn))
+    batches its steps already took): trainer/inputs.py, in the mode data.input_mode chose."""
+    return run.train_input.epoch(run.position.epoch, run.position.in_epoch)
 
 
 def _steps_this_call(run: _Run) -> int:
