@@ -58,6 +58,14 @@ class Backend:
         directory; MultiWorkerMirroredStrategy needs every worker to write one)."""
         return True
 
+    @property
+    def multi_step_sparse_calls(self) -> bool:
+        """Whether one train call may run several steps whose gradients hold tf.IndexedSlices (the sparse first
+        layer): not where replicas all-gather them with tf.distribute's collectives, which in TensorFlow 2.21
+        fail inside a multi-step tf.function ("Shape mismatch in the collective instance": each step's slices
+        have another row count)."""
+        return True
+
     def scope(self):
         """Context in which the model, the optimizer and the training counters are created."""
         return contextlib.nullcontext()
@@ -128,6 +136,10 @@ class StrategyBackend(Backend):
             has_chief = "chief" in spec
             self.is_chief = task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
             self.worker_index = task_id + (1 if has_chief and task_type == "worker" else 0)
+
+    @property
+    def multi_step_sparse_calls(self) -> bool:
+        return self.num_replicas == 1
 
     def scope(self):
         return self.strategy.scope()

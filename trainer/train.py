@@ -38,7 +38,7 @@ from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
 from trainer.lock import LockedError, ModelDirLock
 from trainer.losses import MultiLabelLoss
-from trainer.model import build_model, prior_log_odds
+from trainer.model import build_model, prior_log_odds, uses_sparse_input
 from trainer.optimizers import build_optimizer
 from trainer.progress import LogWindow, ProgressBar
 from trainer.steps import CallStats, make_train_function
@@ -254,7 +254,7 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     train_info = manifest.split(cfg.data.train_split, data_dir)
     plan = _make_plan(cfg, train_info.num_examples, backend)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
-    preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir)
+    preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir, backend)
     if eval_source is None and backend.is_chief:
         log.warning("nothing to evaluate during training (no per-label metrics, early stopping or tuned "
                     "thresholds): pass --eval-data DIR with an 'eval' split, or --set data.validation_fraction=0.1")
@@ -266,7 +266,7 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
         output_bias = prior_log_odds(train_info.label_counts, train_info.num_examples) \
             if cfg.model.output_bias == "prior" else None
         model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=cfg.train.seed,
-                            output_bias=output_bias)
+                            output_bias=output_bias, sparse_features=_sparse_input(cfg, manifest))
         optimizer = build_optimizer(cfg.optimizer, plan.global_batch, plan.total_steps,
                                     loss_scale=policy == "mixed_float16")
         # Build optimizer variables now, under the scope: building them lazily inside strategy.run fails
@@ -283,6 +283,10 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     early_stopping = evaluation.EarlyStopping(cfg.train.early_stopping_patience, cfg.train.early_stopping_metric)
     return _Run(cfg, data_dir, model_dir, backend, policy, manifest, plan, model, optimizer, position, train_call,
                 keeper, evaluator, eval_source, early_stopping)
+
+
+def _sparse_input(cfg, manifest: mf.Manifest) -> bool:
+    return uses_sparse_input(cfg.model.sparse_input, manifest.sparse, manifest.num_features)
 
 
 def _lock_model_dir(backend: Backend, dir_lock: ModelDirLock) -> None:
@@ -368,7 +372,8 @@ def _epoch_input(run: _Run):
         shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
         deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache, drop_remainder=True,
         cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
-        on_bad_features=cfg.data.on_bad_features, holdout_fraction=cfg.data.validation_fraction, holdout="exclude")
+        on_bad_features=cfg.data.on_bad_features, holdout_fraction=cfg.data.validation_fraction, holdout="exclude",
+        sparse_output=_sparse_input(cfg, run.manifest))
     epoch, skip = position.epoch, position.in_epoch * run.backend.local_replicas
 
     def dataset_fn(ctx):
