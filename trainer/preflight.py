@@ -136,7 +136,7 @@ def check_batch_size(cfg, manifest: mf.Manifest, data_dir: str) -> None:
 
 
 def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes: int = COUNT_BUDGET_BYTES) -> None:
-    """Every shard of the split exists and holds the number of records the manifest says.
+    """Every shard of the split exists and holds the number of records the manifest says (packed: blocks).
 
     Records are counted by walking the TFRecord framing (``count_records``), which also finds a truncated
     record, from the last shard backwards (an interrupted copy leaves its last file short) until
@@ -145,7 +145,9 @@ def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes:
     """
     info = manifest.split(split, data_dir)
     walked = 0
-    for shard, expected in reversed(list(zip(info.shards, info.shard_lengths))):
+    for shard, examples in reversed(list(zip(info.shards, info.shard_lengths))):
+        # Packed shards hold blocks of block_size examples (a shard's last block may hold fewer).
+        expected = -(-examples // manifest.block_size) if manifest.packed else examples
         path = os.path.join(data_dir, shard)
         if not os.path.isfile(path):
             raise DataError(f"{path}: shard listed in {os.path.join(data_dir, mf.MANIFEST_NAME)} is missing")
