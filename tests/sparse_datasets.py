@@ -9,7 +9,7 @@ import numpy as np
 
 from data_pipeline.converters import ConvertOptions, convert
 
-F, L = 1500, 6  # features (over SPARSE_INPUT_MIN_FEATURES: auto takes the sparse path), labels
+F, L = 5000, 6  # features (over SPARSE_INPUT_MIN_FEATURES: auto takes the sparse path), labels
 
 
 def bag_of_words(num_examples: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:

@@ -33,7 +33,7 @@ BASE = ["train.distribution=one_device", "model.hidden=[16]", "model.dropout=0.0
 
 @pytest.fixture(scope="module")
 def sparse_data(tmp_path_factory) -> str:
-    """Packed CSR shards: 1600 train (4 shards, blocks of 32) and 320 eval examples, F = 1500, L = 6."""
+    """Packed CSR shards: 1600 train (4 shards, blocks of 32) and 320 eval examples, F = 5000, L = 6."""
     return write_sparse_dataset(tmp_path_factory.mktemp("sparse"), "packed")
 
 
@@ -41,7 +41,7 @@ def sparse_data(tmp_path_factory) -> str:
 def sparse_run(sparse_data, tmp_path_factory):
     """A model trained on sparse_data (auto: sparse path), evaluated on its eval split and exported."""
     model_dir = tmp_path_factory.mktemp("sparse_run") / "m"
-    cfg = load_config(None, BASE + ["train.epochs=4", "metrics.tune_thresholds=false"])
+    cfg = load_config(None, BASE + ["train.epochs=3", "metrics.tune_thresholds=false"])
     result, messages = train_in_process(cfg, sparse_data, model_dir)
     return model_dir, result
 
@@ -66,7 +66,7 @@ def test_the_decision():
 
 
 def test_sparse_training_learns_and_updates_only_the_rows_it_uses(sparse_data, sparse_run, tmp_path):
-    """Row-sparse updates are the sparse path's signature: over 200 steps the 300 features that never occur keep
+    """Row-sparse updates are the sparse path's signature: over 150 steps the 300 features that never occur keep
     their initial first-layer rows (AdamW's decay included), which the dense path (model.sparse_input=false)
     decays."""
     model_dir, result = sparse_run
@@ -83,9 +83,9 @@ def test_sparse_training_learns_and_updates_only_the_rows_it_uses(sparse_data, s
     assert not np.array_equal(states["false"][-300:], states["true"][-300:])
 
 
-TOTAL = 400
+TOTAL = 240
 RESUME = BASE + [f"train.max_steps={TOTAL}", "train.epochs=100", "optimizer.decay=constant", "data.eval_split=''",
-                 "checkpoint.every_steps=40", "checkpoint.keep=2"]
+                 "checkpoint.every_steps=20", "checkpoint.keep=2"]
 
 
 def test_sigkill_then_resume_equals_one_run(sparse_data, tmp_path):
@@ -112,15 +112,15 @@ def test_sigkill_then_resume_equals_one_run(sparse_data, tmp_path):
 
 
 def test_mirrored_sparse_training_resumes_and_equals_one_device(sparse_data, tmp_path):
-    """2 replicas, one step per call: stopped at 30 and resumed to 60, the state of one device's 60 steps."""
-    sets = RESUME + ["train.max_steps=60", "train.steps_per_call=1"]
+    """2 replicas, one step per call: stopped at 20 and resumed to 40, the state of one device's 40 steps."""
+    sets = RESUME + ["train.max_steps=40", "train.steps_per_call=1"]
     train_in_process(load_config(None, sets), sparse_data, tmp_path / "one")
     mirrored = [*sets, "train.distribution=mirrored"]
-    train_in_process(load_config(None, mirrored + ["train.max_steps=30"]), sparse_data, tmp_path / "two",
+    train_in_process(load_config(None, mirrored + ["train.max_steps=20"]), sparse_data, tmp_path / "two",
                      backend=mirrored_backend())
     result, messages = train_in_process(load_config(None, mirrored), sparse_data, tmp_path / "two",
                                         backend=mirrored_backend())
-    assert result.step == 60 and any("mirrored: 2 replica(s)" in m and "resuming at step 30" in m for m in messages)
+    assert result.step == 40 and any("mirrored: 2 replica(s)" in m and "resuming at step 20" in m for m in messages)
     one, two = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "two")
     assert_same_state(two, one, rtol=1e-4, atol=1e-6)
     assert np.array_equal(one[KERNEL][-300:], two[KERNEL][-300:])  # lazy on both
@@ -240,7 +240,7 @@ def test_predict_libsvm_input_equals_predict_data(sparse_data, sparse_run, tmp_p
 
 @pytest.mark.parametrize("case, text, message", [
     ("bad pair", "0,1 3:1 7-2\n", "line 1: bad feature '7-2' (expected index:value)"),
-    ("index past F", "1:1\n 2:1 1500:3\n", "line 2: feature index 1500 is past the model's 1500 features"),
+    ("index past F", f"1:1\n 2:1 {F}:3\n", f"line 2: feature index {F} is past the model's {F} features"),
     ("NaN value", "1:1\n1:2\n 4:nan\n", "line 3: NaN/Inf feature value"),
     ("twice", " 4:1 4:2\n", "line 1: a feature index occurs twice"),
     ("below base", " 0:1\n", "line 1: feature index 0 below --index-base 1"),

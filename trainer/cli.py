@@ -82,8 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging() -> None:
+def _set_up_process() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's BFC allocator for host memory (read when TensorFlow starts): it keeps freed buffers for reuse
+    # instead of returning each large temporary to the system (bench/README.md: 25-35 % less CPU per example on
+    # both input paths). TF_CPU_ALLOCATOR_USE_BFC=false in the environment keeps the default allocator.
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -92,7 +96,7 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
-    _setup_logging()
+    _set_up_process()
     # Logical CPU devices must be configured before TensorFlow touches a device (MirroredStrategy on CPU).
     if os.environ.get("MLT_LOGICAL_CPUS"):
         from trainer.backends import configure_logical_cpus

@@ -38,7 +38,7 @@ class ModelConfig:
     input_transform: str = "none"  # none | log1p | l2_normalize | log1p_l2 (bag-of-words: TF-IDF-like)
     output_bias: str = "prior"  # initial output biases: prior (log-odds of each label's training frequency) | zeros
     ensemble: int = 1  # independent MLPs averaged (mean probability); costs ensemble x the compute
-    # sparse-encoded data fed as a tf.SparseTensor, never densified: auto (from 1024 features on) | true | false
+    # sparse-encoded data fed as a tf.SparseTensor, never densified: auto (from 4096 features on) | true | false
     sparse_input: str = "auto"
 
 

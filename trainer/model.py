@@ -121,9 +121,9 @@ class SparseDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-# model.sparse_input=auto takes the sparse path for sparse-encoded data from this many features on (measured on
-# bibtex: bench/README.md, "Sparse or dense input").
-SPARSE_INPUT_MIN_FEATURES = 1024
+# model.sparse_input=auto takes the sparse path for sparse-encoded data from this many features on: below it the
+# densified path was as fast or faster (bench/README.md, "Sparse or dense input").
+SPARSE_INPUT_MIN_FEATURES = 4096
 
 
 def uses_sparse_input(setting: str, features_sparse: bool, num_features: int) -> bool:
