@@ -160,7 +160,9 @@ def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes:
         walked += size
         count = count_records(path)
         if count != expected:
-            raise DataError(f"{path}: {count} records but the manifest says {expected}")
+            says = f"{examples} examples in blocks of {manifest.block_size}, {expected} records" if manifest.packed \
+                else expected
+            raise DataError(f"{path}: {count} records but the manifest says {says}")
 
 
 def count_records(path: str) -> int:
