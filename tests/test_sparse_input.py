@@ -126,6 +126,31 @@ def test_mirrored_sparse_training_resumes_and_equals_one_device(sparse_data, tmp
     assert np.array_equal(one[KERNEL][-300:], two[KERNEL][-300:])  # lazy on both
 
 
+def test_mirrored_sparse_evaluation_equals_one_device(sparse_data):
+    """The Evaluator on sparse batches: 2 replicas sum the metric state of one device, including the uneven last
+    batch (320 eval examples in per-replica batches of 24: the last step holds 8 and 0)."""
+    from trainer import evaluation
+    from trainer.losses import MultiLabelLoss
+    from trainer.model import build_model
+
+    cfg = load_config(None, BASE + ["train.batch_size=48", "metrics.num_bins=50"])
+    manifest = mf.read_manifest(sparse_data)
+    results, weights = {}, None
+    for backend in (make_backend("one_device"), mirrored_backend()):
+        with backend.scope():
+            model = build_model(F, L, cfg.model, sparse_features=True)
+        weights = weights or [np.random.default_rng(0).normal(scale=0.5, size=w.shape).astype(np.float32)
+                              for w in model.get_weights()]
+        model.set_weights(weights)
+        evaluator = evaluation.Evaluator(backend, model, MultiLabelLoss(cfg.loss, L), manifest, cfg)
+        results[backend.num_replicas] = evaluator.run(evaluation.EvalSource(sparse_data, "eval"))
+    one, two = results[1], results[2]
+    assert one.metrics.aggregates["num_examples"] == two.metrics.aggregates["num_examples"] == 320
+    for key in one.state:
+        np.testing.assert_allclose(two.state[key], one.state[key], rtol=1e-6, atol=1e-5, err_msg=key)
+    assert 0.0 < one.metrics.aggregates["macro_roc_auc"] < 1.0
+
+
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 def test_sparse_training_under_mixed_precision(sparse_data, tmp_path, precision):
     import keras
