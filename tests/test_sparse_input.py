@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO_ROOT, assert_same_state, free_ports, latest_checkpoint_step, mirrored_backend, read_checkpoint,
-                      start_trainer, stop_process, train_in_process, wait_for)
+from conftest import (REPO_ROOT, assert_same_state, free_ports, latest_checkpoint_step, mirrored_backend,
+                      read_checkpoint, start_trainer, stop_process, train_in_process, wait_for)
 from data_pipeline import manifest as mf
 from data_pipeline import reader
 from sparse_datasets import F, L, bag_of_words, libsvm_lines, write_sparse_dataset

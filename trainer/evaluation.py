@@ -91,8 +91,9 @@ class Evaluator:
                                        cycle_length=self.cfg.data.cycle_length,
                                        on_bad_features=self.cfg.data.on_bad_features,
                                        holdout_fraction=source.holdout_fraction, holdout="only",
-                                       sparse_output=uses_sparse_input(self.cfg.model.sparse_input,
-                                                                       self.manifest.sparse, self.manifest.num_features))
+                                       sparse_output=uses_sparse_input(
+                                           self.cfg.model.sparse_input, self.manifest.sparse,
+                                           self.manifest.num_features))
 
         def dataset_fn(ctx):
             return reader.make_dataset(source.data_dir, source.split, ctx.get_per_replica_batch_size(batch), ctx,

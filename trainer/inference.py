@@ -365,7 +365,8 @@ def _or_empty(array, shape, dtype) -> np.ndarray:
 
 
 def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
-    """[N, k] label indices by decreasing probability (NaN last; ties in index order, except at the k-th place), in O(L) per row."""
+    """[N, k] label indices by decreasing probability, in O(L) per row (NaN last; ties in index order, except
+    at the k-th place)."""
     keyed = -np.nan_to_num(probs, nan=-1.0)
     if k < probs.shape[1]:
         part = np.argpartition(keyed, k - 1, axis=1)[:, :k]
