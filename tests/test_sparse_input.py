@@ -22,7 +22,7 @@ from data_pipeline import reader
 from sparse_datasets import F, L, bag_of_words, libsvm_lines, write_sparse_dataset
 from trainer import cli, export, inference
 from trainer.backends import make_backend
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.model import SPARSE_INPUT_MIN_FEATURES, uses_sparse_input
 
 KERNEL = "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"  # the first layer's [F, width] kernel
@@ -63,6 +63,11 @@ def test_the_decision():
     assert uses_sparse_input("true", True, 10)
     assert not uses_sparse_input("false", True, 10 ** 6)
     assert not any(uses_sparse_input(s, False, 10 ** 6) for s in ("auto", "true", "false"))
+    # YAML reads true / false as booleans: the key takes them as its names.
+    assert [load_config(None, [f"model.sparse_input={v}"]).model.sparse_input for v in ("true", "false", "auto")] \
+        == ["true", "false", "auto"]
+    with pytest.raises(ConfigError, match=r"^model\.sparse_input: 'yes please' is not one of auto, false, true$"):
+        load_config(None, ["model.sparse_input=yes please"])
 
 
 def test_sparse_training_learns_and_updates_only_the_rows_it_uses(sparse_data, sparse_run, tmp_path):

@@ -40,7 +40,9 @@ def load_predictor(model_dir: str, source: str = "auto"):
         not the last step's, and the thresholds tuned for them), else the latest checkpoint.
 
     Returns:
-      (predict_fn [N, F] -> [N, L] probabilities, label_names, thresholds, info dict from run_info.json).
+      (predict_fn features -> [N, L] probabilities, label_names, thresholds, info dict from run_info.json). The
+      features are a dense [N, F] array, or a [N, F] tf.SparseTensor that stays sparse (a sparse-built model from
+      the checkpoint, the export's "sparse" signature).
     """
     return _load_predictor(_read_run(model_dir), source)
 
