@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from conftest import (REPO_ROOT, assert_same_state, free_ports, latest_checkpoint_step, mirrored_backend,
                       read_checkpoint, repo_env, start_trainer, stop_process, train_in_process, wait_for)
+from data_pipeline import manifest as mf
 from data_pipeline import reader
 from data_pipeline.errors import DataError
 from trainer import cli, inputs
@@ -68,7 +69,8 @@ def test_every_example_once_per_epoch_new_order_each_epoch_same_for_the_seed(tin
     cfg = config(f"data.input_mode={mode}")
     train_input = inputs.make_training_input(cfg, backend, tiny_data, BATCH)
     assert train_input.mode == mode
-    ids = row_ids(inputs.load_share(tiny_data, "train", backend, inputs.training_reader_options(cfg)))
+    options = inputs.training_reader_options(cfg, mf.read_manifest(tiny_data))
+    ids = row_ids(inputs.load_share(tiny_data, "train", backend, options))
     first, second = (epoch_examples(train_input, backend, ids, e) for e in (0, 1))
     assert sorted(first) == sorted(second) == list(range(len(ids)))  # every example exactly once
     assert first != second
@@ -85,7 +87,8 @@ def test_every_example_once_per_epoch_new_order_each_epoch_same_for_the_seed(tin
 def test_held_out_examples_stay_out_of_training(tiny_data, mode):
     backend = make_backend("one_device")
     cfg = config(f"data.input_mode={mode}", "data.validation_fraction=0.25")
-    everything = inputs.load_share(tiny_data, "train", backend, inputs.training_reader_options(config()))
+    options = inputs.training_reader_options(config(), mf.read_manifest(tiny_data))
+    everything = inputs.load_share(tiny_data, "train", backend, options)
     ids = row_ids(everything)
     held_out = reader.make_dataset(tiny_data, "train", 500, options=reader.ReaderOptions(
         shuffle=False, repeat=False, holdout_fraction=0.25, holdout="only"))
@@ -191,7 +194,8 @@ def test_non_finite_features_fail_the_load_or_are_dropped(tmp_path, on_bad_featu
     records = good_records()
     records[12][0][3] = np.nan
     data_dir = str(write_records(tmp_path / "d", records, shards=2))
-    options = inputs.training_reader_options(config(f"data.on_bad_features={on_bad_features}"))
+    options = inputs.training_reader_options(config(f"data.on_bad_features={on_bad_features}"),
+                                             mf.read_manifest(data_dir))
     backend = make_backend("one_device")
     if on_bad_features == "fail":
         with pytest.raises(DataError, match=f"{shard(data_dir, 0)} record 12: NaN/Inf feature value"):

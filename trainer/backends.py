@@ -70,6 +70,14 @@ class Backend:
         that replica's data)."""
         return 0
 
+    @property
+    def multi_step_sparse_calls(self) -> bool:
+        """Whether one train call may run several steps whose gradients hold tf.IndexedSlices (the sparse first
+        layer): not where replicas all-gather them with tf.distribute's collectives, which in TensorFlow 2.21
+        fail inside a multi-step tf.function ("Shape mismatch in the collective instance": each step's slices
+        have another row count)."""
+        return True
+
     def scope(self):
         """Context in which the model, the optimizer and the training counters are created."""
         return contextlib.nullcontext()
@@ -152,6 +160,10 @@ class StrategyBackend(Backend):
 
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
         return int(tf.get_static_value(replica_id)) % self.local_replicas
+
+    @property
+    def multi_step_sparse_calls(self) -> bool:
+        return self.num_replicas == 1
 
     def scope(self):
         return self.strategy.scope()

@@ -38,6 +38,8 @@ class ModelConfig:
     input_transform: str = "none"  # none | log1p | l2_normalize | log1p_l2 (bag-of-words: TF-IDF-like)
     output_bias: str = "prior"  # initial output biases: prior (log-odds of each label's training frequency) | zeros
     ensemble: int = 1  # independent MLPs averaged (mean probability); costs ensemble x the compute
+    # sparse-encoded data fed as a tf.SparseTensor, never densified: auto (from 4096 features on) | true | false
+    sparse_input: str = "auto"
 
 
 @dataclasses.dataclass
@@ -146,6 +148,7 @@ CHOICES = {  # allowed values of the keys that take one of a few names
     "model.activation": {"relu", "gelu", "swish", "tanh"},
     "model.input_transform": {"none", "log1p", "l2_normalize", "log1p_l2"},
     "model.output_bias": {"prior", "zeros"},
+    "model.sparse_input": {"auto", "true", "false"},
     "data.on_bad_features": {"fail", "skip"},
     "data.input_mode": {"auto", "stream", "memory", "device"},
     "optimizer.name": {"adam", "adamw"},
@@ -184,6 +187,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
+    if tp is str and isinstance(value, bool):  # YAML reads true / false as booleans (model.sparse_input)
+        return "true" if value else "false"
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

@@ -21,6 +21,7 @@ from data_pipeline import reader
 from trainer.backends import Backend
 from trainer.metrics import compute
 from trainer.metrics import state as metric_state
+from trainer.model import uses_sparse_input
 from trainer.steps import make_eval_function
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,10 @@ class Evaluator:
         options = reader.ReaderOptions(shuffle=False, repeat=False, deterministic=True,
                                        cycle_length=self.cfg.data.cycle_length,
                                        on_bad_features=self.cfg.data.on_bad_features,
-                                       holdout_fraction=source.holdout_fraction, holdout="only")
+                                       holdout_fraction=source.holdout_fraction, holdout="only",
+                                       sparse_output=uses_sparse_input(
+                                           self.cfg.model.sparse_input, self.manifest.sparse,
+                                           self.manifest.num_features))
 
         def dataset_fn(ctx):
             return reader.make_dataset(source.data_dir, source.split, ctx.get_per_replica_batch_size(batch), ctx,

@@ -9,10 +9,17 @@ and swapped in by renames (``replace_dir``); ``find_export`` picks the complete 
 
 Layout of ``<model_dir>/export``::
 
-    export/saved_model/     SavedModel, signature "serving_default": features [N, F] float32 ->
+    export/saved_model/     SavedModel; every signature returns
                             {"probabilities": [N, L] float32, "predictions": [N, L] int32}
     export/labels.json      ["label name", ...]
     export/thresholds.json  {"label name": threshold, ...}
+
+Signatures: "sparse" takes each example's feature ids and values as the components of two ragged tensors
+with shared row splits (``indices`` [nnz] int64, ``values`` [nnz] float32, ``row_splits`` [N + 1] int64: example
+i is ``indices[row_splits[i]:row_splits[i+1]]``); "dense" takes ``features`` [N, F] float32, and exists for
+dense models and for sparse ones up to DENSE_SIGNATURE_MAX_FEATURES. "serving_default" is the model's own
+form ("sparse" for a model with a sparse first layer, else "dense"). The module's ``predict_ragged(indices,
+values)`` takes tf.RaggedTensors directly.
 """
 
 from __future__ import annotations
@@ -38,22 +45,55 @@ THRESHOLDS_FILE = "thresholds.json"
 OLD_SUFFIX = ".old"
 
 
+# The dense signature of a sparse model: a request row is F float32s, 256 KiB at this size.
+DENSE_SIGNATURE_MAX_FEATURES = 65536
+
+
+def is_sparse_model(model: keras.Model) -> bool:
+    """Whether the model takes a tf.SparseTensor (built with sparse_features=True)."""
+    return bool(model.inputs[0].sparse)
+
+
 class _Serving(tf.Module):
+    """The exported functions; the Keras model is closed over, not tracked (saving a Keras model tracked by a
+    tf.Module adds Keras' own dense default signature, which a sparse model cannot trace)."""
+
     def __init__(self, model: keras.Model, thresholds: np.ndarray):
         super().__init__()
-        self.model = model
         # Keras 3 variables wrap tf.Variables; track the underlying ones so the SavedModel owns them.
         self.weights_ = [tf_variable(v) for v in model.weights]
         self.thresholds = tf.constant(thresholds, tf.float32)
         num_features = model.input_shape[-1]
+        sparse_model = is_sparse_model(model)
+
+        def outputs(x):
+            probs = probabilities(model, x)
+            return {"probabilities": probs, "predictions": tf.cast(probs >= self.thresholds, tf.int32)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="indices"),
+                                      tf.TensorSpec([None], tf.float32, name="values"),
+                                      tf.TensorSpec([None], tf.int64, name="row_splits")])
+        def serve_sparse(indices, values, row_splits):
+            rows = tf.ragged.row_splits_to_segment_ids(row_splits, out_type=tf.int64)
+            shape = tf.stack([tf.size(row_splits, tf.int64) - 1, num_features])
+            x = tf.SparseTensor(tf.stack([rows, indices], axis=1), values, shape)
+            return outputs(x if sparse_model else tf.sparse.to_dense(tf.sparse.reorder(x)))
+
+        @tf.function(input_signature=[tf.RaggedTensorSpec([None, None], tf.int64, ragged_rank=1),
+                                      tf.RaggedTensorSpec([None, None], tf.float32, ragged_rank=1)])
+        def predict_ragged(indices, values):
+            return serve_sparse(indices.flat_values, values.flat_values, indices.row_splits)
 
         @tf.function(input_signature=[tf.TensorSpec([None, num_features], tf.float32, name="features")])
-        def serve(features):
-            probs = probabilities(self.model, features)
-            return {"probabilities": probs,
-                    "predictions": tf.cast(probs >= self.thresholds, tf.int32)}
+        def serve_dense(features):
+            return outputs(tf.sparse.from_dense(features) if sparse_model else features)
 
-        self.serve = serve
+        self.serve_sparse, self.predict_ragged = serve_sparse, predict_ragged
+        self.signature_functions = {"sparse": serve_sparse}
+        if not sparse_model or num_features <= DENSE_SIGNATURE_MAX_FEATURES:
+            self.serve_dense = serve_dense
+            self.signature_functions["dense"] = serve_dense
+        self.signature_functions["serving_default"] = serve_sparse if sparse_model else serve_dense
 
 
 def export_model(model: keras.Model, export_dir: str, label_names: list[str], thresholds=None) -> str:
@@ -76,7 +116,7 @@ def export_model(model: keras.Model, export_dir: str, label_names: list[str], th
     tmp = f"{export_dir}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     module = _Serving(model, thresholds)
-    tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL), signatures={"serving_default": module.serve})
+    tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL), signatures=module.signature_functions)
     write_label_files(tmp, label_names, thresholds)
     sync_tree(tmp)
     replace_dir(tmp, export_dir)
@@ -164,9 +204,35 @@ def load_export(export_dir: str):
 
 def _load(path: str):
     loaded = tf.saved_model.load(os.path.join(path, SAVED_MODEL))
-    fn = loaded.signatures["serving_default"]
     names = files.read_json(os.path.join(path, LABELS_FILE))
     if not isinstance(names, list):
         raise DataError(f"{os.path.join(path, LABELS_FILE)}: expected a JSON list of label names")
     thresholds = load_thresholds(os.path.join(path, THRESHOLDS_FILE), names).astype(np.float32)
-    return (lambda x: fn(features=tf.convert_to_tensor(x, tf.float32))["probabilities"].numpy()), names, thresholds
+    return _signature_predictor(loaded.signatures), names, thresholds
+
+
+def _signature_predictor(signatures):
+    """features -> probabilities over an export's signatures: a tf.SparseTensor goes to "sparse", a dense array
+    to "dense", or to "sparse" when the export has no dense signature (a sparse model of many features). An
+    export written before the sparse signature existed has only "serving_default" (dense)."""
+    dense = signatures.get("dense", signatures["serving_default"] if "sparse" not in signatures else None)
+
+    def predict(x):
+        if isinstance(x, tf.SparseTensor):
+            if "sparse" not in signatures:
+                return dense(features=tf.sparse.to_dense(tf.sparse.reorder(x)))["probabilities"].numpy()
+            return signatures["sparse"](**sparse_request(x))["probabilities"].numpy()
+        if dense is None:
+            return predict(tf.sparse.from_dense(tf.convert_to_tensor(x, tf.float32)))
+        return dense(features=tf.convert_to_tensor(x, tf.float32))["probabilities"].numpy()
+
+    return predict
+
+
+def sparse_request(x: tf.SparseTensor) -> dict:
+    """The inputs of the "sparse" signature for a [N, F] tf.SparseTensor."""
+    x = tf.sparse.reorder(x)
+    counts = tf.math.bincount(x.indices[:, 0], minlength=x.dense_shape[0], maxlength=x.dense_shape[0],
+                              dtype=tf.int64)
+    row_splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(counts)], axis=0)
+    return {"indices": x.indices[:, 1], "values": tf.cast(x.values, tf.float32), "row_splits": row_splits}

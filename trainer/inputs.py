@@ -34,6 +34,7 @@ from data_pipeline import reader
 from data_pipeline import rows as rows_lib
 from trainer.backends import Backend
 from trainer.config import ConfigError
+from trainer.model import uses_sparse_input
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,11 @@ _MIB = 2 ** 20
 _STREAM_ID_STRIDE = 1_000_003  # seeds of different parts (processes, replicas) of one run
 
 
-def training_reader_options(cfg) -> reader.ReaderOptions:
+def training_reader_options(cfg, manifest: mf.Manifest) -> reader.ReaderOptions:
     """The reader options of the training input; the memory modes take the batch form (sparse_output,
     stored_dtype) from them too."""
     return reader.ReaderOptions(
+        sparse_output=uses_sparse_input(cfg.model.sparse_input, manifest.sparse, manifest.num_features),
         shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
         deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache, drop_remainder=True,
         cycle_length=cfg.data.cycle_length, block_length=cfg.data.block_length,
@@ -86,7 +88,7 @@ def make_training_input(cfg, backend: Backend, data_dir: str, global_batch: int)
       ConfigError: a memory mode whose share makes no batch of this process' replicas.
     """
     mode = resolve_mode(cfg, backend, data_dir)
-    options = training_reader_options(cfg)
+    options = training_reader_options(cfg, mf.read_manifest(data_dir))
     if mode == "stream":
         return StreamInput(backend, data_dir, cfg.data.train_split, global_batch, options)
     data = load_share(data_dir, cfg.data.train_split, backend, options)

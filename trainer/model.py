@@ -71,9 +71,14 @@ class SparseDense(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
     def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units),
-                                      initializer=self.kernel_initializer)
+        # Tracked as ``_kernel`` like keras.layers.Dense's, so that a checkpoint of either layer restores the other.
+        self._kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units),
+                                       initializer=self.kernel_initializer)
         self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer)
+
+    @property
+    def kernel(self):
+        return self._kernel
 
     def call(self, x):
         rows, column = tf.unique(x.indices[:, 1])
@@ -114,6 +119,28 @@ class SparseDropout(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+# model.sparse_input=auto takes the sparse path for sparse-encoded data from this many features on: below it the
+# densified path was as fast or faster (bench/README.md, "Sparse or dense input").
+SPARSE_INPUT_MIN_FEATURES = 4096
+
+
+def uses_sparse_input(setting: str, features_sparse: bool, num_features: int) -> bool:
+    """Whether a model is fed sparse features (a tf.SparseTensor into a SparseDense first layer) or dense ones:
+    the one decision every call site makes with it (training, its evaluations, ``evaluate``, ``predict``).
+
+    Args:
+      setting: model.sparse_input: "true", "false" or "auto" (sparse from SPARSE_INPUT_MIN_FEATURES on).
+      features_sparse: the input is stored sparse (a sparse-encoded dataset, a LIBSVM file).
+      num_features: F.
+
+    Dense input always takes the dense path (preflight refuses "true" for a dense-encoded training set);
+    weights are the same either way, so a model trained on one path predicts on the other.
+    """
+    if not features_sparse or setting == "false":
+        return False
+    return setting == "true" or num_features >= SPARSE_INPUT_MIN_FEATURES
 
 
 def prior_log_odds(label_counts, num_examples: int) -> np.ndarray:

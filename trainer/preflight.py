@@ -17,6 +17,7 @@ from data_pipeline import manifest as mf
 from data_pipeline.errors import DataError
 from trainer import files
 from trainer.config import ConfigError
+from trainer.model import uses_sparse_input
 from trainer.optimizers import scaled_learning_rate
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ COUNT_BUDGET_BYTES = 2 << 30  # shard bytes whose records are counted, per split
 _FRAMING = 16  # bytes around each TFRecord: uint64 length, uint32 CRC of the length, (data), uint32 CRC of the data
 
 
-def check_before_training(cfg, manifest: mf.Manifest, data_dir: str, eval_source, model_dir: str) -> None:
+def check_before_training(cfg, manifest: mf.Manifest, data_dir: str, eval_source, model_dir: str,
+                          backend) -> None:
     """Runs every check; raises on the first error, logs each warning.
 
     Args:
@@ -34,8 +36,10 @@ def check_before_training(cfg, manifest: mf.Manifest, data_dir: str, eval_source
       data_dir: the training dataset directory.
       eval_source: evaluation.EvalSource or None (what training evaluates on).
       model_dir: the model directory (may not exist yet).
+      backend: the distribution backend the run will use.
     """
     check_model(cfg)
+    check_sparse_input(cfg, manifest, data_dir, eval_source, backend)
     check_labels(cfg, manifest, data_dir)
     if eval_source is not None and eval_source.data_dir != data_dir:
         check_eval_data(manifest, data_dir, eval_source.data_dir)
@@ -60,6 +64,34 @@ def check_model(cfg) -> None:
     if not cfg.model.hidden:
         raise ConfigError("model.hidden: [] would train a linear model (no hidden layer); give at least one "
                           "width, e.g. [2048, 2048]")
+
+
+def check_sparse_input(cfg, manifest: mf.Manifest, data_dir: str, eval_source, backend) -> None:
+    """model.sparse_input against the data and the settings the sparse path cannot honour."""
+    setting = cfg.model.sparse_input
+    if setting == "true" and not manifest.sparse:
+        raise ConfigError(f"model.sparse_input: true needs sparse-encoded features, but {data_dir} stores them as "
+                          f"{manifest.feature_encoding} (use auto or false)")
+    if not uses_sparse_input(setting, manifest.sparse, manifest.num_features):
+        return
+    why = f"with sparse input (model.sparse_input={setting}, {manifest.num_features} sparse features)"
+    if cfg.train.jit_compile:
+        raise ConfigError(f"train.jit_compile: XLA does not compile tf.SparseTensor inputs; set it to false {why}, "
+                          "or model.sparse_input=false")
+    if cfg.train.steps_per_call > 1 and not backend.multi_step_sparse_calls:
+        raise ConfigError(f"train.steps_per_call: {cfg.train.steps_per_call} steps per call fail under "
+                          f"{backend.name} ({backend.num_replicas} replicas) {why} in TensorFlow 2.21 (IndexedSlices "
+                          "all-gather); set train.steps_per_call=1, or model.sparse_input=false")
+    if cfg.model.l2 > 0:
+        raise ConfigError(f"model.l2: not available {why} (it would update every row of the first layer each step); "
+                          "use optimizer.name=adamw with optimizer.weight_decay")
+    if cfg.data.on_bad_features == "skip":
+        raise ConfigError(f"data.on_bad_features: skip drops rows of dense features only; use fail {why}")
+    if eval_source is not None and eval_source.data_dir != data_dir:
+        other = mf.read_manifest(eval_source.data_dir)
+        if not other.sparse:
+            raise DataError(f"--eval-data {eval_source.data_dir}: features stored as {other.feature_encoding}, but the "
+                            f"model takes the sparse features of --data {data_dir} (convert it with --encoding sparse)")
 
 
 def check_labels(cfg, manifest: mf.Manifest, data_dir: str) -> None:
@@ -104,7 +136,7 @@ def check_batch_size(cfg, manifest: mf.Manifest, data_dir: str) -> None:
 
 
 def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes: int = COUNT_BUDGET_BYTES) -> None:
-    """Every shard of the split exists and holds the number of records the manifest says.
+    """Every shard of the split exists and holds the number of records the manifest says (packed: blocks).
 
     Records are counted by walking the TFRecord framing (``count_records``), which also finds a truncated
     record, from the last shard backwards (an interrupted copy leaves its last file short) until

@@ -38,7 +38,7 @@ from trainer.backends import Backend, make_backend
 from trainer.checkpointing import CheckpointKeeper
 from trainer.lock import LockedError, ModelDirLock
 from trainer.losses import MultiLabelLoss
-from trainer.model import build_model, prior_log_odds
+from trainer.model import build_model, prior_log_odds, uses_sparse_input
 from trainer.optimizers import build_optimizer
 from trainer.progress import LogWindow, ProgressBar
 from trainer.steps import CallStats, make_train_function
@@ -255,7 +255,7 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     train_info = manifest.split(cfg.data.train_split, data_dir)
     plan = _make_plan(cfg, train_info.num_examples, backend)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
-    preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir)
+    preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir, backend)
     if eval_source is None and backend.is_chief:
         log.warning("nothing to evaluate during training (no per-label metrics, early stopping or tuned "
                     "thresholds): pass --eval-data DIR with an 'eval' split, or --set data.validation_fraction=0.1")
@@ -268,7 +268,8 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
         output_bias = prior_log_odds(train_info.label_counts, train_info.num_examples) \
             if cfg.model.output_bias == "prior" else None
         model = build_model(manifest.num_features, manifest.num_labels, cfg.model, seed=cfg.train.seed,
-                            output_bias=output_bias)
+                            output_bias=output_bias, sparse_features=uses_sparse_input(
+                                cfg.model.sparse_input, manifest.sparse, manifest.num_features))
         optimizer = build_optimizer(cfg.optimizer, plan.global_batch, plan.total_steps,
                                     loss_scale=policy == "mixed_float16")
         # Build optimizer variables now, under the scope: building them lazily inside strategy.run fails
