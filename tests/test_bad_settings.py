@@ -129,7 +129,7 @@ def test_shards_beyond_the_counting_budget_are_checked_by_size(copied_data):
         preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)
     m.splits["train"].shard_lengths[1] = 600 + m.block_size
     preflight.check_shards(str(copied_data), "train", m, budget_bytes=0)  # what a size cannot tell
-    with pytest.raises(DataError, match=f"3 records but the manifest says 4 \\(856 examples in blocks of 256\\)"):
+    with pytest.raises(DataError, match="3 records but the manifest says 4 \\(856 examples in blocks of 256\\)"):
         preflight.check_shards(str(copied_data), "train", m)
 
 

@@ -16,6 +16,8 @@ from data_pipeline import manifest as mf
 from data_pipeline.errors import DataError
 from data_pipeline.hashing import HASH_NAME, HashSpec, hash_feature_ids, hash_features
 from data_pipeline.reader import ReaderOptions, make_dataset
+from trainer import inference, train
+from trainer.config import Config
 
 ORDERED = ReaderOptions(shuffle=False, repeat=False, deterministic=True, cycle_length=1)
 
@@ -75,6 +77,19 @@ def test_libsvm_converted_with_hashing_reads_back_hashed(tmp_path, layout):
     assert (np.count_nonzero(expected, axis=1) < [len(ids) for ids, _ in rows]).any(), "no collision tested"
     x = np.concatenate([b[0].numpy() for b in make_dataset(str(out), "train", 8, options=ORDERED)])
     np.testing.assert_array_equal(x, expected)
+
+    # predict --input on the raw file: the run records the dataset's hashing and predict applies it.
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    train._write_run_info(str(model_dir), mf.read_manifest(str(out)), Config(), str(out))
+    info = json.loads((model_dir / "run_info.json").read_text())
+    ids, values, row_splits = inference._load_libsvm(str(tmp_path / "train.txt"), info, 0)
+    predicted = np.zeros((n, buckets), np.float32)
+    for r in range(n):
+        span = slice(row_splits[r], row_splits[r + 1])
+        np.add.at(predicted[r], ids[span], values[span])
+        assert np.unique(ids[span]).size == ids[span].size
+    np.testing.assert_array_equal(predicted, expected)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", str(2**31)])

@@ -16,6 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from data_pipeline import hashing
 from data_pipeline import manifest as mf
 from data_pipeline import reader
 from data_pipeline.errors import DataError
@@ -236,7 +237,8 @@ def _load_libsvm(path: str, info: dict, index_base: int) -> tuple[np.ndarray, np
                     raise DataError(f"{where}: NaN/Inf feature value")
                 if np.unique(row_ids).size != row_ids.size:
                     raise DataError(f"{where}: a feature index occurs twice")
-                ids.append(input_feature_ids(row_ids, info, where))
+                row_ids, row_values = input_features(row_ids, row_values, info, where)
+                ids.append(row_ids)
                 values.append(row_values)
                 lengths.append(row_ids.size)
         except UnicodeDecodeError as e:
@@ -246,14 +248,18 @@ def _load_libsvm(path: str, info: dict, index_base: int) -> tuple[np.ndarray, np
     return concat(ids, np.int64), concat(values, np.float32), row_splits
 
 
-def input_feature_ids(ids: np.ndarray, info: dict, where: str) -> np.ndarray:
-    """The model's feature ids for the feature ids of one row of raw (LIBSVM) input: the one place where a
-    mapping the training data was written with (e.g. feature hashing, recorded with the dataset) applies to
-    prediction input. Without one, ids are the model's own and must be below its F."""
+def input_features(ids: np.ndarray, values: np.ndarray, info: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model's (feature ids, values) for one row of raw (LIBSVM) input: the one place where a mapping the
+    training data was written with applies to prediction input. A dataset converted with --hash-features
+    (``feature_hashing`` in run_info.json, from its manifest) hashes the raw ids the same way, summing the values
+    of ids that share a bucket; without one, ids are the model's own and must be below its F."""
+    spec = info.get("feature_hashing")
+    if spec:
+        return hashing.hash_features(ids, values, hashing.HashSpec(**spec))
     num_features = info["num_features"]
     if ids.size and ids.max() >= num_features:
         raise DataError(f"{where}: feature index {int(ids.max())} is past the model's {num_features} features")
-    return ids
+    return ids, values
 
 
 def _input_batches(run: _Run, path: str, batch_size: int, index_base: int):

@@ -78,10 +78,6 @@ def check_sparse_input(cfg, manifest: mf.Manifest, data_dir: str, eval_source, b
     if cfg.train.jit_compile:
         raise ConfigError(f"train.jit_compile: XLA does not compile tf.SparseTensor inputs; set it to false {why}, "
                           "or model.sparse_input=false")
-    if cfg.train.steps_per_call > 1 and not backend.multi_step_sparse_calls:
-        raise ConfigError(f"train.steps_per_call: {cfg.train.steps_per_call} steps per call fail under "
-                          f"{backend.name} ({backend.num_replicas} replicas) {why} in TensorFlow 2.21 (IndexedSlices "
-                          "all-gather); set train.steps_per_call=1, or model.sparse_input=false")
     if cfg.model.l2 > 0:
         raise ConfigError(f"model.l2: not available {why} (it would update every row of the first layer each step); "
                           "use optimizer.name=adamw with optimizer.weight_decay")

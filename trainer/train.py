@@ -253,6 +253,7 @@ def _set_up(cfg, data_dir, model_dir, eval_data_dir, backend) -> _Run:
     # Data, the run's length, what to evaluate on; a model directory of another run is refused here.
     manifest = mf.read_manifest(data_dir)
     train_info = manifest.split(cfg.data.train_split, data_dir)
+    cfg = _calls_the_backend_can_run(cfg, manifest, backend)
     plan = _make_plan(cfg, train_info.num_examples, backend)
     eval_source = evaluation.eval_source(cfg, data_dir, eval_data_dir)
     preflight.check_before_training(cfg, manifest, data_dir, eval_source, model_dir, backend)
@@ -304,6 +305,20 @@ def _lock_model_dir(backend: Backend, dir_lock: ModelDirLock) -> None:
         raise error
     if refused:
         raise LockedError(f"{dir_lock.model_dir}: the chief could not lock it (see the chief's log)")
+
+
+def _calls_the_backend_can_run(cfg, manifest: mf.Manifest, backend: Backend):
+    """cfg with one step per train call where several cannot run: sparse input under tf.distribute with several
+    replicas (TensorFlow 2.21 fails to all-gather the IndexedSlices gradients of a multi-step call). The
+    config.yaml of the run records the 1."""
+    sparse = uses_sparse_input(cfg.model.sparse_input, manifest.sparse, manifest.num_features)
+    if cfg.train.steps_per_call == 1 or not sparse or backend.multi_step_sparse_calls:
+        return cfg
+    if backend.is_chief:
+        log.warning("train.steps_per_call %d -> 1: %s with %d replicas runs one step per call on sparse input "
+                    "(model.sparse_input=false trains densified with %d)", cfg.train.steps_per_call, backend.name,
+                    backend.num_replicas, cfg.train.steps_per_call)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps_per_call=1))
 
 
 def _make_plan(cfg, num_train_records: int, backend: Backend) -> _Plan:
@@ -504,7 +519,8 @@ def _run_info(manifest: mf.Manifest, cfg) -> dict:
 def _write_run_info(model_dir, manifest, cfg, data_dir) -> None:
     train_split = manifest.split(cfg.data.train_split)
     info = {**_run_info(manifest, cfg), "label_names": manifest.label_names, "data_dir": os.path.abspath(data_dir),
-            "label_counts": train_split.label_counts, "num_train_examples": train_split.num_examples}
+            "label_counts": train_split.label_counts, "num_train_examples": train_split.num_examples,
+            "feature_hashing": dataclasses.asdict(manifest.feature_hashing) if manifest.feature_hashing else None}
     tmp = os.path.join(model_dir, "run_info.json.tmp")
     with open(tmp, "w") as f:
         json.dump(info, f)
