@@ -113,7 +113,8 @@ def check_shards(data_dir: str, split: str, manifest: mf.Manifest, budget_bytes:
     """
     info = manifest.split(split, data_dir)
     walked = 0
-    for shard, expected in reversed(list(zip(info.shards, info.shard_lengths))):
+    for shard, examples in reversed(list(zip(info.shards, info.shard_lengths))):
+        expected = -(-examples // manifest.block_size) if manifest.packed else examples  # packed: block records
         path = os.path.join(data_dir, shard)
         if not os.path.isfile(path):
             raise DataError(f"{path}: shard listed in {os.path.join(data_dir, mf.MANIFEST_NAME)} is missing")
