@@ -92,6 +92,9 @@ class LossConfig:
 class TrainConfig:
     batch_size: int = 256  # global batch, over all replicas and workers
     epochs: int = 30
+    # Fewer epochs when train.epochs of them would train on more examples than this (at least one epoch): the
+    # run length that scales from 10^3 to 10^7 records (trainer.train.run_length); None = always train.epochs.
+    example_budget: Optional[int] = 10_000_000
     max_steps: Optional[int] = None  # stops earlier than epochs
     distribution: str = "auto"  # auto | one of trainer.backends.DISTRIBUTIONS
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
@@ -242,6 +245,7 @@ def validate(cfg: Config) -> Config:
         ("loss.label_smoothing", 0 <= cfg.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
         ("train.epochs", cfg.train.epochs > 0, "must be > 0"),
+        ("train.example_budget", cfg.train.example_budget is None or cfg.train.example_budget > 0, "must be > 0"),
         ("train.max_steps", cfg.train.max_steps is None or cfg.train.max_steps > 0, "must be > 0"),
         ("train.steps_per_call", cfg.train.steps_per_call >= 1, "must be >= 1"),
         ("train.log_every_steps", cfg.train.log_every_steps >= 1, "must be >= 1"),

@@ -327,11 +327,32 @@ def _make_plan(cfg, num_train_records: int, backend: Backend) -> _Plan:
         raise config_lib.ConfigError(f"train.batch_size: {global_batch} is not divisible by the "
                                      f"{backend.num_replicas} replicas")
     train_examples = int(num_train_records * (1.0 - cfg.data.validation_fraction))
-    steps_per_epoch = max(1, train_examples // global_batch)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    steps_per_epoch, total_steps = run_length(train_examples, global_batch, cfg.train.epochs,
+                                              cfg.train.example_budget, cfg.train.max_steps)
+    cut_by_budget = total_steps < steps_per_epoch * cfg.train.epochs and total_steps != cfg.train.max_steps
+    if cut_by_budget:
+        log.info("train.example_budget %d: %d steps (%.2f epochs of %d examples) instead of %d epochs",
+                 cfg.train.example_budget, total_steps, total_steps / steps_per_epoch, train_examples,
+                 cfg.train.epochs)
     return _Plan(global_batch, steps_per_epoch, total_steps)
+
+
+def run_length(train_examples: int, global_batch: int, epochs: int, example_budget: int | None,
+               max_steps: int | None) -> tuple[int, int]:
+    """(steps per epoch, total steps): ``epochs`` epochs, cut to ``example_budget`` examples when they would train
+    on more, but never to less than one epoch; ``max_steps`` cuts further.
+
+    So a run trains on min(epochs x N, max(example_budget, N)) examples of N: the epochs the defaults were tuned
+    with on small datasets, a fixed amount of work (with linear learning-rate scaling, the same whatever the
+    batch) on middle-sized ones, and one pass over every record on the largest. The last epoch may be partial.
+    """
+    steps_per_epoch = max(1, train_examples // global_batch)
+    total_steps = steps_per_epoch * epochs
+    if example_budget is not None:
+        total_steps = min(total_steps, max(steps_per_epoch, example_budget // global_batch))
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    return steps_per_epoch, total_steps
 
 
 # --- Resume ----------------------------------------------------------------------------------------------------
