@@ -118,7 +118,7 @@ def test_tfds_reads_one_example_per_record_datasets(tmp_path, layout, sparse):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_tfds_reads_packed_datasets_one_block_per_example(tmp_path, sparse):
     out = tmp_path / "d"
-    m = generate(str(out), 300, 7, 5, 2, seed=0, block_size=32, sparse_nonzeros=3 if sparse else None)
+    generate(str(out), 300, 7, 5, 2, seed=0, block_size=32, sparse_nonzeros=3 if sparse else None)
     builder = tfds.builder_from_directory(str(out))
     info = json.loads((out / "dataset_info.json").read_text())
     assert info["splits"][0]["filepathTemplate"] == "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"
