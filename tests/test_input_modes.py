@@ -271,3 +271,32 @@ def test_horovod_device_mode(tiny_data, tmp_path):
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
+
+
+def write_packed(path, x, labels, feature_dtype: str) -> str:
+    from data_pipeline.writer import DatasetWriter
+
+    with DatasetWriter(str(path), x.shape[1], 4, encoding=mf.PACKED_DENSE, feature_dtype=feature_dtype,
+                       block_size=16) as w:
+        w.write_split("train", ((row, lab, f"row {i}") for i, (row, lab) in enumerate(zip(x, labels))), len(x), 2)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["stream", "memory", "device"])
+def test_half_precision_data_reaches_the_step_in_its_stored_dtype_and_trains_as_float32(tmp_path, mode):
+    """Packed float16 features travel as float16 (half the bytes to the device) and the replica step casts them:
+    the weights equal those of the same values stored as float32."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(320, 8)).astype(np.float16).astype(np.float32)  # values float16 holds exactly
+    labels = [list(np.flatnonzero(row[:4] > 0.3)) for row in x]
+    half = write_packed(tmp_path / "f16", x, labels, "float16")
+    single = write_packed(tmp_path / "f32", x, labels, "float32")
+    cfg = config(f"data.input_mode={mode}", "train.max_steps=12", "train.batch_size=16")
+    backend = make_backend("one_device")
+    train_input = inputs.make_training_input(cfg, backend, half, 16)
+    features, _ = train_input.replica_batch(next(train_input.epoch(0, 0)))
+    assert features.dtype == tf.float16
+    train_in_process(cfg, half, tmp_path / "m16")
+    train_in_process(cfg, single, tmp_path / "m32")
+    assert_same_state(read_checkpoint(tmp_path / "m16"), read_checkpoint(tmp_path / "m32"), rtol=0, atol=0)
+

@@ -44,8 +44,10 @@ _STREAM_ID_STRIDE = 1_000_003  # seeds of different parts (processes, replicas) 
 
 def training_reader_options(cfg, manifest: mf.Manifest) -> reader.ReaderOptions:
     """The reader options of the training input; the memory modes take the batch form (sparse_output,
-    stored_dtype) from them too."""
+    stored_dtype) from them too. Half-precision features stay in their stored dtype up to the replica step,
+    which casts them (steps.float32_features): half the bytes through the input path and to the device."""
     return reader.ReaderOptions(
+        stored_dtype=True,
         sparse_output=uses_sparse_input(cfg.model.sparse_input, manifest.sparse, manifest.num_features),
         shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer, repeat=True,
         deterministic=cfg.train.deterministic, seed=cfg.train.seed, cache=cfg.data.cache, drop_remainder=True,

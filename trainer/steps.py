@@ -48,6 +48,15 @@ def probabilities(model: keras.Model, x) -> tf.Tensor:
     return tf.sigmoid(inference_logits(model, x))
 
 
+def float32_features(x):
+    """Features in float32, cast inside the replica step: half-precision data (packed float16 / bfloat16) travels
+    to the device in its stored dtype, half the bytes, and the device casts it (exact either way)."""
+    if isinstance(x, tf.SparseTensor):
+        return x if x.values.dtype == tf.float32 else tf.SparseTensor(x.indices, tf.cast(x.values, tf.float32),
+                                                                       x.dense_shape)
+    return tf.cast(x, tf.float32)
+
+
 def batch_as_given(element):
     """The (features, labels) of an element that is the batch itself."""
     x, y = element
@@ -91,6 +100,7 @@ def make_train_function(backend: Backend, model: keras.Model, optimizer, loss_fn
 
     def replica_step(element):
         x, y = replica_batch(element)
+        x = float32_features(x)
         grads, per_example, loss = forward_backward(x, y)
         grads = backend.sync_non_finite(backend.reduce_gradients(grads))
         optimizer.apply_gradients(zip(grads, trainable))
