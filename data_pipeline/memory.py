@@ -64,6 +64,32 @@ class InMemoryData:
         return sum(a.nbytes for a in (self.label_indices, self.label_offsets, self.features, self.feature_indices,
                                       self.feature_values, self.feature_offsets) if a is not None)
 
+    def finite_rows(self, chunk: int = 65536) -> np.ndarray:
+        """bool [N]: rows whose features are all finite (dense rows checked a chunk at a time)."""
+        if self.features is not None:
+            return np.concatenate([np.isfinite(self.features[i:i + chunk].astype(np.float32)).all(axis=1)
+                                   for i in range(0, self.num_examples, chunk)] or [np.ones(0, bool)])
+        bad_values = ~np.isfinite(self.feature_values.astype(np.float32))
+        row_of_value = np.repeat(np.arange(self.num_examples), np.diff(self.feature_offsets))
+        return np.bincount(row_of_value[bad_values], minlength=self.num_examples) == 0
+
+    def select(self, rows: np.ndarray) -> "InMemoryData":
+        """The examples ``rows``, in that order (CSR parts gathered with their offsets)."""
+
+        def csr(values, offsets):
+            starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+            new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+            return values[positions], new_offsets
+
+        out = InMemoryData(self.num_features, self.num_labels, *csr(self.label_indices, self.label_offsets))
+        if self.features is not None:
+            out.features = self.features[rows]
+        else:
+            out.feature_indices, out.feature_offsets = csr(self.feature_indices, self.feature_offsets)
+            out.feature_values = csr(self.feature_values, self.feature_offsets)[0]
+        return out
+
     def tensors(self) -> dict[str, tf.Tensor]:
         """The arrays as tensors on the current device, keyed as gather_rows expects."""
         arrays = {"y": self.label_indices, "yp": self.label_offsets, "x": self.features, "xi": self.feature_indices,

@@ -8,6 +8,7 @@ ask for a strategy still run on ``/CPU:0`` as before.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -102,6 +103,47 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def sigkill_after_first_checkpoint(args, model_dir, log_path, env: dict[str, str] | None = None,
+                                   timeout: float = 120) -> int | None:
+    """Starts ``python -m trainer ARGS``, SIGKILLs it once its first checkpoint is written, and returns the
+    step of the latest checkpoint it left."""
+    proc = start_trainer(*args, env=env, log_path=log_path)
+    try:
+        wait_for(lambda: latest_checkpoint_step(model_dir), timeout=timeout, what="the first checkpoint", proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        stop_process(proc)
+    return latest_checkpoint_step(model_dir)
+
+
+def train_two_workers(args, tmp_path, timeout: float = 300) -> tuple[list[str], Path]:
+    """Runs ``python -m trainer ARGS`` as the two workers of a multi_worker job (TF_CONFIG on two free ports of
+    127.0.0.1), each logging to ``tmp_path/worker{i}.log`` and dumping its final weights (MLT_DUMP_WEIGHTS) to
+    ``tmp_path/dumps/weights-{i}.npz``; asserts both exit 0. Returns (the two logs, the dumps directory)."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    dumps = Path(tmp_path) / "dumps"
+    dumps.mkdir()
+    logs = [Path(tmp_path) / f"worker{index}.log" for index in range(2)]
+    procs = []
+    try:
+        for index in range(2):
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            procs.append(start_trainer(*args, env={"TF_CONFIG": tf_config,
+                                                   "MLT_DUMP_WEIGHTS": str(dumps / "weights-{worker}.npz")},
+                                       log_path=logs[index]))
+        for index, proc in enumerate(procs):
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            assert code == 0, f"worker {index} exit {code}\n{logs[index].read_text()[-4000:]}"
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    return [log.read_text() for log in logs], dumps
 
 
 def mirrored_backend():

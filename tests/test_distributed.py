@@ -4,15 +4,13 @@ identical weights and only the chief writes into the model directory."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (assert_same_state, free_ports, mirrored_backend, read_checkpoint, start_trainer, stop_process,
-                      train_in_process)
+from conftest import assert_same_state, mirrored_backend, read_checkpoint, train_in_process, train_two_workers
 from data_pipeline import manifest as mf
 from data_pipeline import reader
 from trainer import evaluation
@@ -125,32 +123,12 @@ def test_mirrored_evaluation_equals_single_device(tiny_data):
 def test_multi_worker_two_processes(tiny_data, tmp_path):
     """Two local workers (TF_CONFIG on 127.0.0.1): both exit 0, end with identical weights, and only the
     chief writes into the (shared) model directory."""
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    model_dir, dumps = tmp_path / "model", tmp_path / "dumps"
-    dumps.mkdir()
+    model_dir = tmp_path / "model"
     args = ["train", "--data", tiny_data, "--model-dir", model_dir, "--distribution", "multi_worker",
             "--set", "model.hidden=[16]", "--set", "train.batch_size=64", "--set", "train.max_steps=12",
             "--set", "train.log_every_steps=4", "--set", "checkpoint.every_steps=5",
             "--set", "checkpoint.every_seconds=0", "--set", "train.eval_every_steps=6"]
-    procs = []
-    try:
-        for index in range(2):
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append(start_trainer(*args, env={"TF_CONFIG": tf_config,
-                                                   "MLT_DUMP_WEIGHTS": str(dumps / "weights-{worker}.npz")},
-                                       log_path=tmp_path / f"worker{index}.log"))
-        for index, proc in enumerate(procs):
-            try:
-                code = proc.wait(timeout=240)
-            except Exception:
-                code = None
-            log = (tmp_path / f"worker{index}.log").read_text()
-            assert code == 0, f"worker {index} exit {code}\n{log[-4000:]}"
-    finally:
-        for proc in procs:
-            stop_process(proc)
-    chief_log, other_log = ((tmp_path / f"worker{i}.log").read_text() for i in range(2))
+    (chief_log, other_log), dumps = train_two_workers(args, tmp_path, timeout=240)
     assert "multi_worker: 2 replica(s), 2 worker(s)" in chief_log
     assert "trained 12 steps" in chief_log and "trained 12 steps" in other_log
 

@@ -6,17 +6,15 @@ does; auto streams when the share exceeds the budget; a bad mode is a one-line c
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO_ROOT, assert_same_state, free_ports, latest_checkpoint_step, mirrored_backend,
-                      read_checkpoint, repo_env, start_trainer, stop_process, train_in_process, wait_for)
+from conftest import (REPO_ROOT, assert_same_state, mirrored_backend, read_checkpoint, repo_env,
+                      sigkill_after_first_checkpoint, train_in_process, train_two_workers)
 from data_pipeline import manifest as mf
 from data_pipeline import reader
 from data_pipeline.errors import DataError
@@ -115,14 +113,8 @@ def test_memory_mode_sigkill_then_resume_equals_one_run(tiny_data, tmp_path, dis
     assert full.step == TOTAL
     model_dir = tmp_path / "killed"
     args = ["train", "--data", tiny_data, "--model-dir", model_dir] + [a for s in sets for a in ("--set", s)]
-    proc = start_trainer(*args, env={"MLT_LOGICAL_CPUS": "2"}, log_path=tmp_path / "log")
-    try:
-        wait_for(lambda: latest_checkpoint_step(model_dir), timeout=180, what="the first checkpoint", proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        stop_process(proc)
-    killed_at = latest_checkpoint_step(model_dir)
+    killed_at = sigkill_after_first_checkpoint(args, model_dir, tmp_path / "log", env={"MLT_LOGICAL_CPUS": "2"},
+                                               timeout=180)
     assert 0 < killed_at < TOTAL, killed_at
     resumed, messages = train_in_process(load_config(None, sets), tiny_data, model_dir,
                                          backend=backend_for(distribution))
@@ -213,27 +205,11 @@ def test_non_finite_features_fail_the_load_or_are_dropped(tmp_path, on_bad_featu
 @pytest.mark.parametrize("mode", ["memory", "device"])
 def test_multi_worker_memory_modes(tiny_data, tmp_path, mode):
     """Two local workers, each holding its share: both finish with identical weights."""
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
     args = ["train", "--data", tiny_data, "--model-dir", tmp_path / "model", "--distribution", "multi_worker",
             "--set", "model.hidden=[16]", "--set", "train.batch_size=64", "--set", "train.max_steps=40",
             "--set", "checkpoint.every_steps=15", "--set", "checkpoint.every_seconds=0",
             "--set", "train.eval_every_steps=20", "--set", f"data.input_mode={mode}"]
-    procs = []
-    try:
-        for index in range(2):
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append(start_trainer(*args, env={"TF_CONFIG": tf_config,
-                                                   "MLT_DUMP_WEIGHTS": str(dumps / "weights-{worker}.npz")},
-                                       log_path=tmp_path / f"worker{index}.log"))
-        for index, proc in enumerate(procs):
-            log = tmp_path / f"worker{index}.log"
-            assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
-    finally:
-        for proc in procs:
-            stop_process(proc)
-    chief = (tmp_path / "worker0.log").read_text()
+    (chief, _), dumps = train_two_workers(args, tmp_path)
     assert "multi_worker: 2 replica(s), 2 worker(s)" in chief and "trained 40 steps" in chief
     with np.load(dumps / "weights-0.npz") as a, np.load(dumps / "weights-1.npz") as b:
         for key in a.files:

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import (assert_same_state, latest_checkpoint_step, mirrored_backend, read_checkpoint, run_trainer,
-                      start_trainer, stop_process, train_in_process, wait_for)
+                      sigkill_after_first_checkpoint, start_trainer, stop_process, train_in_process, wait_for)
 from trainer import cli
 from trainer.config import load_config
 
@@ -68,14 +68,7 @@ def test_max_steps_then_resume_equals_one_run(tiny_data, tmp_path, uninterrupted
 
 def test_sigkill_then_resume_equals_one_run(tiny_data, tmp_path, uninterrupted):
     model_dir = tmp_path / "m"
-    proc = start_trainer(*cli_args(tiny_data, model_dir), log_path=tmp_path / "log")
-    try:
-        wait_for(lambda: latest_checkpoint_step(model_dir), timeout=120, what="the first checkpoint", proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        stop_process(proc)
-    killed_at = latest_checkpoint_step(model_dir)
+    killed_at = sigkill_after_first_checkpoint(cli_args(tiny_data, model_dir), model_dir, tmp_path / "log")
     assert 0 < killed_at < TOTAL, killed_at  # killed mid-run, not after the last save
     assert not (model_dir / "export").exists()
     assert_same_state(resume_in_process(tiny_data, model_dir, killed_at), uninterrupted, rtol=1e-6, atol=1e-7)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO_ROOT, assert_same_state, free_ports, latest_checkpoint_step, mirrored_backend,
-                      read_checkpoint, start_trainer, stop_process, train_in_process, wait_for)
+from conftest import (REPO_ROOT, assert_same_state, mirrored_backend, read_checkpoint,
+                      sigkill_after_first_checkpoint, train_in_process, train_two_workers)
 from data_pipeline import manifest as mf
 from data_pipeline import reader
 from sparse_datasets import F, L, bag_of_words, libsvm_lines, write_sparse_dataset
@@ -103,14 +102,7 @@ def test_sigkill_then_resume_equals_one_run(sparse_data, tmp_path):
     args = ["train", "--data", sparse_data, "--model-dir", model_dir]
     for s in RESUME:
         args += ["--set", s]
-    proc = start_trainer(*args, log_path=tmp_path / "log")
-    try:
-        wait_for(lambda: latest_checkpoint_step(model_dir), timeout=120, what="the first checkpoint", proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        stop_process(proc)
-    killed_at = latest_checkpoint_step(model_dir)
+    killed_at = sigkill_after_first_checkpoint(args, model_dir, tmp_path / "log")
     assert 0 < killed_at < TOTAL, killed_at
     result, messages = train_in_process(load_config(None, RESUME), sparse_data, model_dir)
     assert any(f"resuming at step {killed_at} of {TOTAL}" in m for m in messages), messages[:3]
@@ -370,27 +362,11 @@ def test_preflight_refuses_sparse_input_true_on_dense_data_and_dense_eval_data(s
 def test_multi_worker_sparse_training(sparse_data, tmp_path):
     """Two local workers on the sparse path (one step per call, see preflight): both exit 0 with identical
     weights, the unused rows untouched."""
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
     args = ["train", "--data", sparse_data, "--model-dir", tmp_path / "model", "--distribution", "multi_worker"]
     for s in BASE[1:] + ["train.max_steps=12", "train.steps_per_call=1", "train.eval_every_steps=6"]:
         args += ["--set", s]
-    procs = []
-    try:
-        for index in range(2):
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append(start_trainer(*args, env={"TF_CONFIG": tf_config,
-                                                   "MLT_DUMP_WEIGHTS": str(dumps / "weights-{worker}.npz")},
-                                       log_path=tmp_path / f"worker{index}.log"))
-        for index, proc in enumerate(procs):
-            code = proc.wait(timeout=300)
-            assert code == 0, (tmp_path / f"worker{index}.log").read_text()[-4000:]
-    finally:
-        for proc in procs:
-            stop_process(proc)
-    assert "trained 12 steps" in (tmp_path / "worker0.log").read_text()
+    (chief, _), dumps = train_two_workers(args, tmp_path)
+    assert "trained 12 steps" in chief
     with np.load(dumps / "weights-0.npz") as a, np.load(dumps / "weights-1.npz") as b:
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -176,7 +176,7 @@ class DeviceInput(TrainingInput):
         local = backend.local_replicas
         self.parts = []
         for r, device in enumerate(backend.local_devices):
-            part = data if local == 1 else select_rows(data, np.arange(r, data.num_examples, local))
+            part = data if local == 1 else data.select(np.arange(r, data.num_examples, local))
             with tf.device(device):
                 tensors = {k: tf.identity(v) for k, v in part.tensors().items()}
                 permutation = tf.Variable(tf.zeros([part.num_examples], tf.int64), trainable=False)
@@ -213,41 +213,13 @@ def load_share(data_dir: str, split: str, backend: Backend, options: reader.Read
                                  options.holdout)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
         raise reader.explain_data_error(data_dir, split, e) from None
-    finite = finite_rows(data)
+    finite = data.finite_rows()
     if not finite.all():
         if options.on_bad_features != "skip":
             raise reader.explain_data_error(data_dir, split, ValueError("NaN/Inf feature value"))
         log.warning("%s split '%s': dropped %d example(s) with NaN/Inf features", data_dir, split,
                     int((~finite).sum()))
-        data = select_rows(data, np.flatnonzero(finite))
+        data = data.select(np.flatnonzero(finite))
     log.info("read %d examples of %s split '%s' into memory (%.1f MiB)", data.num_examples, data_dir, split,
              data.nbytes / _MIB)
     return data
-
-
-def finite_rows(data: memory.InMemoryData, chunk: int = 65536) -> np.ndarray:
-    """bool [N]: rows whose features are all finite (dense rows checked a chunk at a time)."""
-    if data.features is not None:
-        return np.concatenate([np.isfinite(data.features[i:i + chunk].astype(np.float32)).all(axis=1)
-                               for i in range(0, data.num_examples, chunk)] or [np.ones(0, bool)])
-    bad_values = ~np.isfinite(data.feature_values.astype(np.float32))
-    row_of_value = np.repeat(np.arange(data.num_examples), np.diff(data.feature_offsets))
-    return np.bincount(row_of_value[bad_values], minlength=data.num_examples) == 0
-
-
-def select_rows(data: memory.InMemoryData, rows: np.ndarray) -> memory.InMemoryData:
-    """The examples ``rows`` of ``data``, in that order (CSR parts gathered with their offsets)."""
-
-    def csr(values, offsets):
-        starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
-        new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-        return values[positions], new_offsets
-
-    out = memory.InMemoryData(data.num_features, data.num_labels, *csr(data.label_indices, data.label_offsets))
-    if data.features is not None:
-        out.features = data.features[rows]
-    else:
-        out.feature_indices, out.feature_offsets = csr(data.feature_indices, data.feature_offsets)
-        out.feature_values = csr(data.feature_values, data.feature_offsets)[0]
-    return out
